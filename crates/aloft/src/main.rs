@@ -1,0 +1,64 @@
+//! The `aloft` binary: the command-line interface and the daemons (`aloft dev`,
+//! `aloft proxy`, …). It owns argument parsing, the data directory choice and the
+//! printing of errors a person can act on; the work itself lives in the library
+//! crates.
+
+mod cmd;
+mod datadir;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "aloft",
+    version,
+    about = "Run container images as micro-VMs close to their users"
+)]
+struct Cli {
+    /// Directory holding all of this instance's state (default: /var/lib/aloft as root,
+    /// ~/.local/share/aloft otherwise).
+    #[arg(long, global = true, env = aloft_types::datadir::DATA_DIR_ENV)]
+    data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate and inspect fly.toml (or aloft.toml) files.
+    #[command(subcommand)]
+    Config(cmd::config::ConfigCommand),
+    /// Pull, import and manage OCI images and their root filesystems.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCommand),
+    /// Run the edge proxy.
+    Proxy(cmd::proxy::ProxyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ALOFT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let data_dir = datadir::resolve(cli.data_dir);
+    let result = match cli.command {
+        Command::Config(c) => cmd::config::run(c),
+        Command::Image(c) => cmd::image::run(c, &data_dir),
+        Command::Proxy(a) => cmd::proxy::run(a, &data_dir),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
