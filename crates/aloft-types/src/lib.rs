@@ -7,3 +7,7 @@
 //! CLI can all share it.
 
 pub mod datadir;
+pub mod appconfig;
+pub mod catalog;
+pub mod guest;
+pub mod machine;

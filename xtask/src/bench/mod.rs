@@ -1,7 +1,11 @@
 //! `cargo xtask bench …`: each benchmark measures its baseline in the same run and
 //! prints ratios plus one JSON line per result.
 
-use anyhow::{Result, bail};
+mod image;
+mod proxy;
+mod store;
+
+use anyhow::Result;
 use clap::Subcommand;
 
 #[derive(Subcommand)]
@@ -16,8 +20,8 @@ pub enum BenchCommand {
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Store => bail!("bench store is not implemented yet"),
-        BenchCommand::Image => bail!("bench image is not implemented yet"),
-        BenchCommand::Proxy => bail!("bench proxy is not implemented yet"),
+        BenchCommand::Store => store::run(),
+        BenchCommand::Image => image::run(),
+        BenchCommand::Proxy => proxy::run(),
     }
 }
