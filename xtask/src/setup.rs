@@ -146,9 +146,11 @@ fn apt_packages() -> Result<()> {
     // packages" where single installs succeed (shared/notes/qemu-microvm.md).
     for pkg in missing {
         step(&format!("apt-get install {pkg}"));
-        run_cmd(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", pkg])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", pkg])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
     }
     Ok(())
 }
@@ -206,17 +208,21 @@ fn guest_kernel(data_dir: &DataDir) -> Result<()> {
         fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     }
     fs::create_dir_all(work.join("out/modules"))?;
-    run_cmd(Command::new("apt-get")
-        .args(["download", "-q", &package])
-        .current_dir(&work))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["download", "-q", &package])
+            .current_dir(&work),
+    )?;
     let deb = fs::read_dir(&work)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download produced no .deb")?;
-    run_cmd(Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(work.join("x")))?;
+    run_cmd(
+        Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(work.join("x")),
+    )?;
     let boot = work.join("x/boot");
     let vmlinuz = fs::read_dir(&boot)?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -6,8 +6,8 @@
 //! sockets, clocks or processes), so that the guest init, the agent, the API and the
 //! CLI can all share it.
 
-pub mod datadir;
 pub mod appconfig;
 pub mod catalog;
+pub mod datadir;
 pub mod guest;
 pub mod machine;
