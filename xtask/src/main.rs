@@ -79,10 +79,7 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn demo(data_dir: Option<PathBuf>) -> Result<()> {
-    let args = setup::SetupArgs {
-        data_dir,
-        ..Default::default()
-    };
+    let args = setup::SetupArgs { data_dir };
     let env = setup::run(&args)?;
     util::step("building aloft");
     util::cargo(&["build", "--release", "-p", "aloft"], &[])?;
