@@ -1,7 +1,19 @@
-//! `cargo xtask bench store`.
+//! `cargo xtask bench store`: runs the store benchmark example in release mode. It
+//! measures raw rusqlite with the same pragmas in the same run as its baseline.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 pub fn run() -> Result<()> {
-    bail!("bench store is not implemented yet")
+    crate::util::cargo(
+        &[
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "aloft-store",
+            "--example",
+            "store_bench",
+        ],
+        &[],
+    )
 }
