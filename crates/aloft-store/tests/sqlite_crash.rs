@@ -65,10 +65,12 @@ async fn acknowledged_writes_survive_sigkill() {
     child.wait().unwrap();
     // Acks that were already in the pipe count too.
     for line in lines.map_while(Result::ok) {
-        if let Some(rest) = line.strip_prefix("ACK ") {
-            if let Some(Ok(n)) = rest.split(' ').next().map(str::parse::<u64>) {
-                acked.push(n);
-            }
+        if let Some(Ok(n)) = line
+            .strip_prefix("ACK ")
+            .and_then(|rest| rest.split(' ').next())
+            .map(str::parse::<u64>)
+        {
+            acked.push(n);
         }
     }
     let store = SqliteStore::open(&db).await.unwrap();
