@@ -5,3 +5,6 @@
 //!
 //! It owns the image cache under the data directory. It must not know about machines,
 //! overlays or VMs: it hands out a read-only base image and the image config.
+
+pub mod apply;
+pub mod blobs;
