@@ -1,0 +1,189 @@
+//! Body types on both sides of the proxy.
+//!
+//! [`ReqBody`] is what goes upstream: empty, buffered (can be replayed on another
+//! machine) or streamed. [`RespBody`] is what goes back to the client: a short body
+//! written by the proxy, or the upstream body, which returns its connection to the
+//! pool and releases its machine's in-flight slot when it ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+
+use crate::balance::Lease;
+
+/// A request body on its way upstream.
+#[derive(Debug)]
+pub enum ReqBody {
+    Empty,
+    /// The whole body, read before choosing a machine.
+    Full(Option<Bytes>),
+    /// The first bytes already read, then the rest of the client's body.
+    Stream {
+        prefix: Option<Bytes>,
+        rest: Incoming,
+    },
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBody::Stream { prefix, rest } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                Pin::new(rest).poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Full(d) => d.is_none(),
+            ReqBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            ReqBody::Stream { prefix, rest } => {
+                let p = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(r.lower() + p);
+                if let Some(u) = r.upper() {
+                    h.set_upper(u + p);
+                }
+                h
+            }
+        }
+    }
+}
+
+/// What the upstream connection and its machine slot go back to when a body ends.
+pub(crate) struct Checkin {
+    pub(crate) sender: SendRequest<ReqBody>,
+    pub(crate) lease: Lease,
+}
+
+impl Checkin {
+    fn finish(self) {
+        self.lease.backend().pool.put(self.sender);
+        drop(self.lease);
+    }
+}
+
+/// An upstream response body; ending it checks the connection back in.
+pub struct UpstreamBody {
+    inner: Incoming,
+    checkin: Option<Checkin>,
+}
+
+impl UpstreamBody {
+    pub(crate) fn new(inner: Incoming, checkin: Checkin) -> Self {
+        if inner.is_end_stream() {
+            checkin.finish();
+            return UpstreamBody {
+                inner,
+                checkin: None,
+            };
+        }
+        UpstreamBody {
+            inner,
+            checkin: Some(checkin),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => {
+                if let Some(c) = this.checkin.take() {
+                    c.finish();
+                }
+            }
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+                if let Some(c) = this.checkin.take() {
+                    c.finish();
+                }
+            }
+            // An error: the connection is not reusable; dropping the checkin closes it
+            // and frees the machine's slot.
+            Poll::Ready(Some(Err(_))) => this.checkin = None,
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body going to the client.
+pub enum RespBody {
+    /// Written by the proxy itself (errors, redirects).
+    Full(Option<Bytes>),
+    Upstream(UpstreamBody),
+}
+
+impl RespBody {
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        RespBody::Full(Some(s.into()))
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
+            RespBody::Upstream(u) => Pin::new(u).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full(d) => d.is_none(),
+            RespBody::Upstream(u) => u.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            RespBody::Upstream(u) => u.size_hint(),
+        }
+    }
+}

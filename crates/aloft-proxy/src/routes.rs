@@ -1,0 +1,603 @@
+//! The routing snapshot: apps → services → machines, built from a source-neutral
+//! [`RoutesSpec`] and swapped atomically in [`Routes`].
+//!
+//! Every source of routes (the static TOML file, later the catalog watch) produces a
+//! `RoutesSpec`; [`Routes::update`] validates it, compiles it into an immutable
+//! [`RouteTable`] and publishes it. Per-machine runtime state (in-flight count, health
+//! mark, upstream connection pool) lives in [`Backend`]s that survive swaps as long as
+//! the machine keeps its id and upstream address, so a reload never resets load counts.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use serde::Deserialize;
+
+use crate::pool::Pool;
+
+/// Fly's default concurrency limits when a service gives none.
+const DEFAULT_SOFT_LIMIT: u32 = 20;
+const DEFAULT_HARD_LIMIT: u32 = 25;
+
+/// Machine states as the Machines API names them; only `started` takes traffic.
+const MACHINE_STATES: &[&str] = &[
+    "created",
+    "starting",
+    "started",
+    "stopping",
+    "stopped",
+    "suspending",
+    "suspended",
+    "replacing",
+    "destroying",
+    "destroyed",
+    "failed",
+];
+
+/// Handlers a service port may name (as in fly.toml).
+const HANDLERS: &[&str] = &["http", "tls", "proxy_proto", "pg_tls", "edge_http"];
+
+/// Everything the proxy needs to route, independent of where it came from.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesSpec {
+    /// Regions other than the proxy's own, nearest first. Regions not listed come
+    /// after these, in the order they first appear among the machines.
+    #[serde(default)]
+    pub region_order: Vec<String>,
+    #[serde(default)]
+    pub apps: Vec<AppSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub name: String,
+    /// Host names routed to this app; `"*"` catches every host no app names exactly.
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub machines: Vec<MachineSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    pub internal_port: u16,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    #[serde(default)]
+    pub concurrency: Concurrency,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub port: u16,
+    #[serde(default)]
+    pub handlers: Vec<String>,
+    #[serde(default)]
+    pub force_https: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    #[serde(rename = "type", default)]
+    pub kind: ConcurrencyKind,
+    #[serde(default = "default_soft")]
+    pub soft_limit: u32,
+    #[serde(default = "default_hard")]
+    pub hard_limit: u32,
+}
+
+fn default_soft() -> u32 {
+    DEFAULT_SOFT_LIMIT
+}
+fn default_hard() -> u32 {
+    DEFAULT_HARD_LIMIT
+}
+
+impl Default for Concurrency {
+    fn default() -> Self {
+        Concurrency {
+            kind: ConcurrencyKind::default(),
+            soft_limit: DEFAULT_SOFT_LIMIT,
+            hard_limit: DEFAULT_HARD_LIMIT,
+        }
+    }
+}
+
+/// What a limit counts. Upstream HTTP/1.1 connections carry one request at a time, so
+/// for proxied HTTP both count the requests in flight to the machine.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConcurrencyKind {
+    #[default]
+    Connections,
+    Requests,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MachineSpec {
+    pub id: String,
+    pub region: String,
+    /// `ip` (the service's internal port is used) or `ip:port` (this port is used for
+    /// every service of the app, handy when several machines share one host).
+    pub address: String,
+    pub state: String,
+}
+
+/// A routes spec that cannot be compiled; `key` is the dotted path of the bad value,
+/// e.g. `apps[0].machines[2].address`.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{key}: {message}")]
+pub struct RouteTableError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: String, message: impl Into<String>) -> RouteTableError {
+    RouteTableError {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Runtime state of one machine as the target of one service.
+#[derive(Debug)]
+pub struct Backend {
+    pub machine_id: Arc<str>,
+    pub region: Arc<str>,
+    pub addr: SocketAddr,
+    /// Requests in flight to this machine through this proxy.
+    pub(crate) in_flight: AtomicU32,
+    /// Milliseconds since [`crate::clock`]'s epoch until which the machine is
+    /// considered failing (a connect to it failed).
+    pub(crate) failing_until: AtomicU64,
+    pub(crate) pool: Pool,
+}
+
+impl Backend {
+    fn new(machine_id: Arc<str>, region: Arc<str>, addr: SocketAddr) -> Self {
+        Backend {
+            machine_id,
+            region,
+            addr,
+            in_flight: AtomicU32::new(0),
+            failing_until: AtomicU64::new(0),
+            pool: Pool::new(),
+        }
+    }
+
+    /// Requests in flight to this machine right now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Idle upstream connections kept for this machine.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle_len()
+    }
+}
+
+/// The machines of one region able to serve a service.
+#[derive(Debug)]
+pub struct RegionGroup {
+    pub region: Arc<str>,
+    pub backends: Vec<Arc<Backend>>,
+}
+
+#[derive(Debug)]
+pub struct PortRoute {
+    pub port: u16,
+    pub handlers: Vec<String>,
+    pub force_https: bool,
+}
+
+#[derive(Debug)]
+pub struct ServiceRoute {
+    pub internal_port: u16,
+    pub ports: Vec<PortRoute>,
+    pub concurrency: Concurrency,
+    /// Started machines grouped by region: own region first, then nearest first.
+    pub groups: Vec<RegionGroup>,
+}
+
+#[derive(Debug)]
+pub struct AppRoute {
+    pub name: Arc<str>,
+    pub services: Vec<ServiceRoute>,
+    /// Every machine id of the app, whatever its state (to tell "stopped" from
+    /// "unknown" when a request forces an instance).
+    pub machine_states: HashMap<String, String>,
+}
+
+impl AppRoute {
+    /// The service answering on public port `port`.
+    pub fn service_for_port(&self, port: u16) -> Option<&ServiceRoute> {
+        self.services
+            .iter()
+            .find(|s| s.ports.iter().any(|p| p.port == port))
+    }
+}
+
+/// An immutable routing snapshot.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    apps: Vec<AppRoute>,
+    hosts: HashMap<String, usize>,
+    wildcard: Option<usize>,
+}
+
+impl RouteTable {
+    /// Compile `spec` for a proxy in `own_region`, reusing backends of `previous`
+    /// whose machine id and address are unchanged.
+    pub fn build(
+        spec: &RoutesSpec,
+        own_region: &str,
+        previous: Option<&RouteTable>,
+    ) -> Result<RouteTable, RouteTableError> {
+        let mut reuse: HashMap<(&str, SocketAddr), &Arc<Backend>> = HashMap::new();
+        if let Some(prev) = previous {
+            for app in &prev.apps {
+                for svc in &app.services {
+                    for g in &svc.groups {
+                        for b in &g.backends {
+                            reuse.insert((&b.machine_id, b.addr), b);
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut table = RouteTable::default();
+        let mut app_names: HashMap<&str, usize> = HashMap::new();
+        for (ai, app) in spec.apps.iter().enumerate() {
+            let akey = format!("apps[{ai}]");
+            if app.name.is_empty() {
+                return Err(bad(format!("{akey}.name"), "must not be empty"));
+            }
+            if app_names.insert(&app.name, ai).is_some() {
+                return Err(bad(
+                    format!("{akey}.name"),
+                    format!("app {:?} is defined twice", app.name),
+                ));
+            }
+            if app.hostnames.is_empty() {
+                return Err(bad(
+                    format!("{akey}.hostnames"),
+                    "must name at least one host (or \"*\")",
+                ));
+            }
+            for (hi, host) in app.hostnames.iter().enumerate() {
+                let hkey = format!("{akey}.hostnames[{hi}]");
+                if host == "*" {
+                    if table.wildcard.is_some() {
+                        return Err(bad(hkey, "only one app may claim \"*\""));
+                    }
+                    table.wildcard = Some(ai);
+                    continue;
+                }
+                let norm = host.to_ascii_lowercase();
+                if norm.is_empty()
+                    || !norm
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+                {
+                    return Err(bad(hkey, format!("{host:?} is not a valid host name")));
+                }
+                if let Some(other) = table.hosts.insert(norm, ai) {
+                    return Err(bad(
+                        hkey,
+                        format!(
+                            "host {host:?} is already routed to app {:?}",
+                            spec.apps[other].name
+                        ),
+                    ));
+                }
+            }
+
+            // Machines: validate once, then make a backend per service.
+            let mut machine_states = HashMap::new();
+            let mut parsed = Vec::new();
+            for (mi, m) in app.machines.iter().enumerate() {
+                let mkey = format!("{akey}.machines[{mi}]");
+                if m.id.is_empty() {
+                    return Err(bad(format!("{mkey}.id"), "must not be empty"));
+                }
+                if m.region.is_empty() {
+                    return Err(bad(format!("{mkey}.region"), "must not be empty"));
+                }
+                if !MACHINE_STATES.contains(&m.state.as_str()) {
+                    return Err(bad(
+                        format!("{mkey}.state"),
+                        format!(
+                            "unknown machine state {:?} (expected one of {})",
+                            m.state,
+                            MACHINE_STATES.join(", ")
+                        ),
+                    ));
+                }
+                let addr = parse_address(&m.address).ok_or_else(|| {
+                    bad(
+                        format!("{mkey}.address"),
+                        format!("{:?} is not an IP address or IP:port", m.address),
+                    )
+                })?;
+                if machine_states
+                    .insert(m.id.clone(), m.state.clone())
+                    .is_some()
+                {
+                    return Err(bad(
+                        format!("{mkey}.id"),
+                        format!("machine {:?} is listed twice", m.id),
+                    ));
+                }
+                parsed.push((m, addr));
+            }
+
+            let mut services = Vec::new();
+            let mut seen_ports: HashMap<u16, usize> = HashMap::new();
+            for (si, s) in app.services.iter().enumerate() {
+                let skey = format!("{akey}.services[{si}]");
+                if s.internal_port == 0 {
+                    return Err(bad(format!("{skey}.internal_port"), "must not be 0"));
+                }
+                let c = s.concurrency;
+                if c.hard_limit == 0 {
+                    return Err(bad(
+                        format!("{skey}.concurrency.hard_limit"),
+                        "must be at least 1",
+                    ));
+                }
+                if c.soft_limit == 0 || c.soft_limit > c.hard_limit {
+                    return Err(bad(
+                        format!("{skey}.concurrency.soft_limit"),
+                        format!(
+                            "must be between 1 and hard_limit ({}), got {}",
+                            c.hard_limit, c.soft_limit
+                        ),
+                    ));
+                }
+                let mut ports = Vec::new();
+                for (pi, p) in s.ports.iter().enumerate() {
+                    let pkey = format!("{skey}.ports[{pi}]");
+                    if let Some(other) = seen_ports.insert(p.port, si) {
+                        return Err(bad(
+                            format!("{pkey}.port"),
+                            format!(
+                                "port {} is already used by services[{other}] of this app",
+                                p.port
+                            ),
+                        ));
+                    }
+                    for (hi, h) in p.handlers.iter().enumerate() {
+                        if !HANDLERS.contains(&h.as_str()) {
+                            return Err(bad(
+                                format!("{pkey}.handlers[{hi}]"),
+                                format!(
+                                    "unknown handler {h:?} (expected one of {})",
+                                    HANDLERS.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                    ports.push(PortRoute {
+                        port: p.port,
+                        handlers: p.handlers.clone(),
+                        force_https: p.force_https,
+                    });
+                }
+
+                let mut groups: Vec<RegionGroup> = Vec::new();
+                for (m, addr) in &parsed {
+                    if m.state != "started" {
+                        continue;
+                    }
+                    let addr = match addr {
+                        Address::Ip(ip) => SocketAddr::new(*ip, s.internal_port),
+                        Address::Socket(sa) => *sa,
+                    };
+                    let backend = match reuse.get(&(m.id.as_str(), addr)) {
+                        Some(b) if &*b.region == m.region.as_str() => Arc::clone(b),
+                        _ => Arc::new(Backend::new(
+                            Arc::from(m.id.as_str()),
+                            Arc::from(m.region.as_str()),
+                            addr,
+                        )),
+                    };
+                    match groups.iter_mut().find(|g| *g.region == *m.region) {
+                        Some(g) => g.backends.push(backend),
+                        None => groups.push(RegionGroup {
+                            region: Arc::clone(&backend.region),
+                            backends: vec![backend],
+                        }),
+                    }
+                }
+                order_regions(&mut groups, own_region, &spec.region_order);
+                services.push(ServiceRoute {
+                    internal_port: s.internal_port,
+                    ports,
+                    concurrency: c,
+                    groups,
+                });
+            }
+            table.apps.push(AppRoute {
+                name: Arc::from(app.name.as_str()),
+                services,
+                machine_states,
+            });
+        }
+        Ok(table)
+    }
+
+    /// The app serving `host` (lower-case, without port): exact name first, then `"*"`.
+    pub fn app_for_host(&self, host: &str) -> Option<&AppRoute> {
+        match self.hosts.get(host) {
+            Some(&i) => Some(&self.apps[i]),
+            None => self.wildcard.map(|i| &self.apps[i]),
+        }
+    }
+
+    pub fn apps(&self) -> &[AppRoute] {
+        &self.apps
+    }
+}
+
+enum Address {
+    Ip(IpAddr),
+    Socket(SocketAddr),
+}
+
+fn parse_address(s: &str) -> Option<Address> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(Address::Socket(sa));
+    }
+    let ip = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+    ip.unwrap_or(s).parse::<IpAddr>().ok().map(Address::Ip)
+}
+
+/// Own region first, then the listed order, then the rest as they came.
+fn order_regions(groups: &mut [RegionGroup], own: &str, order: &[String]) {
+    groups.sort_by_key(|g| {
+        if &*g.region == own {
+            0
+        } else {
+            order
+                .iter()
+                .position(|r| *r == *g.region)
+                .map_or(usize::MAX, |p| p + 1)
+        }
+    });
+}
+
+/// The current routing snapshot of a proxy, replaced atomically by any route source.
+#[derive(Debug)]
+pub struct Routes {
+    region: String,
+    current: ArcSwap<RouteTable>,
+}
+
+impl Routes {
+    /// An empty table for a proxy in `region`.
+    pub fn new(region: impl Into<String>) -> Self {
+        Routes {
+            region: region.into(),
+            current: ArcSwap::from_pointee(RouteTable::default()),
+        }
+    }
+
+    /// Build a table from `spec` and publish it; on error the current table stays.
+    pub fn update(&self, spec: &RoutesSpec) -> Result<(), RouteTableError> {
+        let prev = self.current.load();
+        let table = RouteTable::build(spec, &self.region, Some(&prev))?;
+        self.current.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// The snapshot in force now.
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.current.load()
+    }
+
+    /// The snapshot in force now, as an owned handle (can be held across awaits).
+    pub fn load_full(&self) -> Arc<RouteTable> {
+        self.current.load_full()
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(toml_text: &str) -> RoutesSpec {
+        toml::from_str(toml_text).expect("spec parses")
+    }
+
+    const TWO: &str = r#"
+        region_order = ["fra"]
+        [[apps]]
+        name = "web"
+        hostnames = ["Web.Example", "*"]
+        [[apps.services]]
+        internal_port = 8080
+        ports = [{ port = 80, handlers = ["http"] }]
+        concurrency = { type = "requests", soft_limit = 2, hard_limit = 3 }
+        [[apps.machines]]
+        id = "m1"
+        region = "ams"
+        address = "127.0.0.1:9001"
+        state = "started"
+        [[apps.machines]]
+        id = "m2"
+        region = "fra"
+        address = "127.0.0.2"
+        state = "started"
+        [[apps.machines]]
+        id = "m3"
+        region = "local"
+        address = "127.0.0.3"
+        state = "started"
+        [[apps.machines]]
+        id = "m4"
+        region = "local"
+        address = "127.0.0.4"
+        state = "stopped"
+    "#;
+
+    #[test]
+    fn builds_groups_in_region_order() {
+        let t = RouteTable::build(&spec(TWO), "local", None).unwrap();
+        let app = t.app_for_host("web.example").unwrap();
+        let svc = app.service_for_port(80).unwrap();
+        let regions: Vec<&str> = svc.groups.iter().map(|g| &*g.region).collect();
+        assert_eq!(regions, ["local", "fra", "ams"]);
+        assert_eq!(
+            svc.groups[0].backends.len(),
+            1,
+            "stopped machine is skipped"
+        );
+        assert_eq!(svc.groups[1].backends[0].addr.to_string(), "127.0.0.2:8080");
+        assert_eq!(svc.groups[2].backends[0].addr.to_string(), "127.0.0.1:9001");
+        assert!(t.app_for_host("other").is_some(), "wildcard");
+        assert!(app.service_for_port(443).is_none());
+    }
+
+    #[test]
+    fn reload_keeps_backend_state() {
+        let routes = Routes::new("local");
+        routes.update(&spec(TWO)).unwrap();
+        let first = routes.load();
+        let b = Arc::clone(
+            &first.app_for_host("web.example").unwrap().services[0].groups[0].backends[0],
+        );
+        b.in_flight.store(2, Ordering::Relaxed);
+        routes.update(&spec(TWO)).unwrap();
+        let again = routes.load();
+        let b2 = &again.app_for_host("web.example").unwrap().services[0].groups[0].backends[0];
+        assert!(Arc::ptr_eq(&b, b2));
+        assert_eq!(b2.in_flight(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let s = spec(&TWO.replace("address = \"127.0.0.2\"", "address = \"nope\""));
+        let e = RouteTable::build(&s, "local", None).unwrap_err();
+        assert_eq!(e.key, "apps[0].machines[1].address");
+        let s = spec(&TWO.replace("soft_limit = 2", "soft_limit = 9"));
+        let e = RouteTable::build(&s, "local", None).unwrap_err();
+        assert_eq!(e.key, "apps[0].services[0].concurrency.soft_limit");
+        let s = spec(&TWO.replace("\"stopped\"", "\"sleeping\""));
+        let e = RouteTable::build(&s, "local", None).unwrap_err();
+        assert_eq!(e.key, "apps[0].machines[3].state");
+    }
+}

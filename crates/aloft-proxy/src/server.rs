@@ -1,0 +1,784 @@
+//! The HTTP/1.1 edge: accept, limit, parse, route, forward, drain.
+//!
+//! The request path is a stack of small steps, each one concern:
+//! 1. `accept`   — a connection slot (max connections), TCP_NODELAY, per-connection
+//!    facts (client IP, public port).
+//! 2. hyper      — parsing with header size/count limits (431/400) and a header
+//!    read timeout that is also the keep-alive idle timeout (slowloris).
+//! 3. `validate` — framing (Content-Length with Transfer-Encoding → 400) and Host.
+//! 4. `route`    — Host → app → service of the public port (same table for every
+//!    route source).
+//! 5. `headers`  — Fly-* and X-Forwarded-* headers, hop-by-hop removal.
+//! 6. `body`     — small bodies are read whole first (malformed ones never reach a
+//!    machine, and they can be replayed); big ones stream.
+//! 7. `dispatch` — choose a machine (balance), wait briefly if all are full, connect
+//!    from the pool, retry on another machine while the request is unconsumed.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::balance::{self, Capacity, Choice, Constraints, Lease};
+use crate::body::{Checkin, ReqBody, RespBody, UpstreamBody};
+use crate::routes::{AppRoute, Routes, ServiceRoute};
+
+/// Bodies up to this size are read whole before a machine is chosen.
+const BUFFER_LIMIT: usize = 64 * 1024;
+
+static FLY_CLIENT_IP: HeaderName = HeaderName::from_static("fly-client-ip");
+static FLY_REGION: HeaderName = HeaderName::from_static("fly-region");
+static FLY_REQUEST_ID: HeaderName = HeaderName::from_static("fly-request-id");
+static FLY_PREFER_REGION: HeaderName = HeaderName::from_static("fly-prefer-region");
+static FLY_FORCE_INSTANCE: HeaderName = HeaderName::from_static("fly-force-instance-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Limits and timeouts of one proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Time allowed to receive a request's headers, which is also how long an idle
+    /// keep-alive connection is kept.
+    pub header_read_timeout: Duration,
+    /// Time allowed to receive the first [`BUFFER_LIMIT`] bytes of a request body.
+    pub body_read_timeout: Duration,
+    /// Largest request head (request line + headers) in bytes; larger gets 431.
+    /// hyper enforces at least 8192.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request; more gets 431.
+    pub max_headers: usize,
+    /// Most client connections open at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// How long a request may wait for a machine below its hard limit.
+    pub queue_timeout: Duration,
+    /// Most requests waiting at once across the proxy; more get 503 at once.
+    pub max_queued: usize,
+    pub connect_timeout: Duration,
+    /// Time allowed for a machine to send response headers.
+    pub response_timeout: Duration,
+    /// Machines tried for one request (the first try included).
+    pub max_attempts: usize,
+    /// How long a machine that refused a connection is avoided.
+    pub failing_for: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_connections: 16 * 1024,
+            queue_timeout: Duration::from_secs(1),
+            max_queued: 1024,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            max_attempts: 3,
+            failing_for: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound listener and the public port its traffic is routed by.
+#[derive(Debug)]
+pub struct Listener {
+    pub listener: TcpListener,
+    /// The port services name in `ports` (the bound port unless mapped).
+    pub public_port: u16,
+}
+
+/// What a proxy did before it stopped.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServeReport {
+    pub connections: u64,
+    /// Connections still open when the drain timeout ran out.
+    pub cut_at_drain: usize,
+}
+
+struct Shared {
+    routes: Arc<Routes>,
+    cfg: ProxyConfig,
+    capacity: Arc<Capacity>,
+    region: HeaderValue,
+    via: HeaderValue,
+    region_suffix: String,
+}
+
+struct ConnCtx {
+    shared: Arc<Shared>,
+    client_ip: IpAddr,
+    client_ip_hv: HeaderValue,
+    public_port: u16,
+    port_hv: HeaderValue,
+}
+
+/// Serve `listeners` with `routes` until `shutdown` completes, then stop accepting,
+/// let in-flight requests finish (up to `drain_timeout`) and return.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    routes: Arc<Routes>,
+    cfg: ProxyConfig,
+    shutdown: impl Future<Output = ()>,
+) -> ServeReport {
+    let region = HeaderValue::from_str(routes.region())
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    let shared = Arc::new(Shared {
+        region_suffix: format!("-{}", routes.region()),
+        routes,
+        capacity: Arc::new(Capacity::default()),
+        region,
+        via: HeaderValue::from_static("1.1 aloft"),
+        cfg,
+    });
+    let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+    let graceful = Arc::new(GracefulShutdown::new());
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let mut loops = Vec::new();
+    for l in listeners {
+        let shared = Arc::clone(&shared);
+        let slots = Arc::clone(&slots);
+        let graceful = Arc::clone(&graceful);
+        let accepted = Arc::clone(&accepted);
+        let mut stop = stop_rx.clone();
+        loops.push(tokio::spawn(async move {
+            let port_hv = HeaderValue::from(l.public_port);
+            loop {
+                let permit = tokio::select! {
+                    p = Arc::clone(&slots).acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = stop.changed() => return,
+                };
+                let (stream, peer) = tokio::select! {
+                    r = l.listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            // Out of descriptors and the like: back off briefly.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.changed() => return,
+                };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let ip = canonical_ip(peer);
+                let ctx = Arc::new(ConnCtx {
+                    shared: Arc::clone(&shared),
+                    client_ip: ip,
+                    client_ip_hv: header_value_of(&ip.to_string()),
+                    public_port: l.public_port,
+                    port_hv: port_hv.clone(),
+                });
+                let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(shared.cfg.header_read_timeout)
+                    .max_buf_size(shared.cfg.max_header_bytes.max(8192))
+                    .max_headers(shared.cfg.max_headers)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(%peer, error = %e, "client connection ended");
+                    }
+                    drop(permit);
+                });
+            }
+        }));
+    }
+
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    let drain = shared.cfg.drain_timeout;
+    let open = graceful.count();
+    let cut_at_drain = match Arc::try_unwrap(graceful) {
+        Ok(g) => match tokio::time::timeout(drain, g.shutdown()).await {
+            Ok(()) => 0,
+            Err(_) => open,
+        },
+        // Unreachable: every accept loop holding a clone has ended above.
+        Err(_) => open,
+    };
+    ServeReport {
+        connections: accepted.load(Ordering::Relaxed),
+        cut_at_drain,
+    }
+}
+
+fn canonical_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+fn header_value_of(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// A response written by the proxy itself; the body says why.
+fn reply(status: StatusCode, why: impl Into<String>) -> Response<RespBody> {
+    let mut text = why.into();
+    text.push('\n');
+    let mut resp = Response::new(RespBody::text(text));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn reply_close(status: StatusCode, why: impl Into<String>) -> Response<RespBody> {
+    let mut resp = reply(status, why);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<RespBody>, Infallible> {
+    Ok(proxy_request(req, &ctx).await)
+}
+
+async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+    let (mut parts, body) = req.into_parts();
+
+    // validate: framing and Host.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return reply_close(
+            StatusCode::BAD_REQUEST,
+            "request has both Content-Length and Transfer-Encoding",
+        );
+    }
+    let host = match request_host(&parts.uri, &parts.headers, parts.version) {
+        Ok(h) => h,
+        Err(why) => return reply_close(StatusCode::BAD_REQUEST, why),
+    };
+
+    // route.
+    let table = ctx.shared.routes.load_full();
+    let Some(app) = table.app_for_host(&host) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            format!("no app is routed for host {host:?}"),
+        );
+    };
+    let Some(svc) = app.service_for_port(ctx.public_port) else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "app {} has no service on port {}",
+                app.name, ctx.public_port
+            ),
+        );
+    };
+    if svc
+        .ports
+        .iter()
+        .any(|p| p.port == ctx.public_port && p.force_https)
+    {
+        return redirect_https(&host, &parts.uri);
+    }
+
+    // headers.
+    let request_id = new_request_id(&ctx.shared.region_suffix);
+    strip_hop_by_hop(&mut parts.headers);
+    add_forwarding_headers(&mut parts.headers, ctx, &request_id);
+    let prefer_region = header_str(&parts.headers, &FLY_PREFER_REGION).map(str::to_owned);
+    let force_instance = header_str(&parts.headers, &FLY_FORCE_INSTANCE).map(str::to_owned);
+    if parts.version != Version::HTTP_11 {
+        parts.version = Version::HTTP_11;
+    }
+    if parts.uri.authority().is_some() {
+        // Absolute-form from the client: machines get origin-form.
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned();
+        parts.uri = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    }
+
+    // body.
+    let body = match read_body_start(body, ctx.shared.cfg.body_read_timeout).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+
+    // dispatch.
+    let req = Request::from_parts(parts, body);
+    let constraints = RequestConstraints {
+        prefer_region: prefer_region.as_deref(),
+        force_instance: force_instance.as_deref(),
+    };
+    let mut resp = dispatch(req, app, svc, &constraints, &ctx.shared).await;
+    let h = resp.headers_mut();
+    h.insert(FLY_REQUEST_ID.clone(), request_id);
+    h.append(header::VIA, ctx.shared.via.clone());
+    resp
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// The host a request is for, lower-case and without port; errors say what is wrong.
+fn request_host(uri: &Uri, headers: &HeaderMap, version: Version) -> Result<String, String> {
+    let mut values = headers.get_all(header::HOST).iter();
+    let from_header = values.next();
+    if values.next().is_some() {
+        return Err("request has more than one Host header".into());
+    }
+    let raw = match (uri.authority(), from_header) {
+        (Some(a), _) => a.as_str(),
+        (None, Some(v)) => v
+            .to_str()
+            .map_err(|_| "Host header is not visible ASCII".to_string())?,
+        (None, None) if version == Version::HTTP_11 => {
+            return Err("HTTP/1.1 request without a Host header".into());
+        }
+        (None, None) => "",
+    };
+    let host = split_host(raw).ok_or_else(|| format!("invalid Host header {raw:?}"))?;
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Ok(host.to_ascii_lowercase())
+    } else {
+        Ok(host.to_owned())
+    }
+}
+
+/// `host[:port]` or `[v6][:port]` → host; `None` when malformed.
+fn split_host(raw: &str) -> Option<&str> {
+    let valid_port =
+        |p: &str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = raw.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let (v6, after) = (&rest[..end], &rest[end + 1..]);
+        if v6.is_empty()
+            || !v6
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return None;
+        }
+        if !after.is_empty() && !after.strip_prefix(':').is_some_and(valid_port) {
+            return None;
+        }
+        return Some(&raw[..end + 2]);
+    }
+    let host = match raw.rsplit_once(':') {
+        Some((h, p)) if valid_port(p) => h,
+        Some(_) => return None,
+        None => raw,
+    };
+    if host.len() > 253
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return None;
+    }
+    Some(host)
+}
+
+fn redirect_https(host: &str, uri: &Uri) -> Response<RespBody> {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let location = format!("https://{host}{pq}");
+    let mut resp = reply(StatusCode::MOVED_PERMANENTLY, format!("see {location}"));
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn new_request_id(region_suffix: &str) -> HeaderValue {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(20 + region_suffix.len());
+    let _ = write!(s, "{:016x}", rand::random::<u64>());
+    s.push_str(region_suffix);
+    header_value_of(&s)
+}
+
+/// Remove hop-by-hop headers, including those the Connection header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h.remove(header::CONNECTION) {
+        // Names listed in Connection are hop-by-hop too.
+        let extra: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .chain(std::iter::once(&conn))
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        h.remove(header::CONNECTION);
+        for name in extra {
+            h.remove(name);
+        }
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TE);
+    h.remove(header::TRAILER);
+    h.remove(header::TRANSFER_ENCODING);
+    h.remove(header::UPGRADE);
+}
+
+fn add_forwarding_headers(h: &mut HeaderMap, ctx: &ConnCtx, request_id: &HeaderValue) {
+    h.insert(FLY_CLIENT_IP.clone(), ctx.client_ip_hv.clone());
+    h.insert(FLY_REGION.clone(), ctx.shared.region.clone());
+    h.insert(FLY_REQUEST_ID.clone(), request_id.clone());
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            header_value_of(&format!("{}, {}", prev.trim(), ctx.client_ip))
+        }
+        _ => ctx.client_ip_hv.clone(),
+    };
+    h.insert(X_FORWARDED_FOR.clone(), xff);
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    h.insert(X_FORWARDED_PORT.clone(), ctx.port_hv.clone());
+    h.append(header::VIA, ctx.shared.via.clone());
+}
+
+/// Read up to [`BUFFER_LIMIT`] bytes of the body before any machine is involved: a
+/// malformed or stalled body is answered here, and a small body can be replayed.
+async fn read_body_start(
+    mut body: Incoming,
+    timeout: Duration,
+) -> Result<ReqBody, Response<RespBody>> {
+    if body.is_end_stream() {
+        return Ok(ReqBody::Empty);
+    }
+    let mut buf = BytesMut::new();
+    let read = async {
+        loop {
+            match std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await {
+                None => return Ok(true),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        buf.extend_from_slice(&data);
+                    }
+                    if body.is_end_stream() {
+                        return Ok(true);
+                    }
+                    if buf.len() >= BUFFER_LIMIT {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(reply_close(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("request body not received within {timeout:?}"),
+        )),
+        Ok(Err(e)) => Err(reply_close(
+            StatusCode::BAD_REQUEST,
+            format!("malformed request body: {e}"),
+        )),
+        Ok(Ok(true)) => Ok(ReqBody::Full(Some(buf.freeze()))),
+        Ok(Ok(false)) => Ok(ReqBody::Stream {
+            prefix: Some(buf.freeze()),
+            rest: body,
+        }),
+    }
+}
+
+struct RequestConstraints<'a> {
+    prefer_region: Option<&'a str>,
+    force_instance: Option<&'a str>,
+}
+
+/// What may be sent again if the first machine fails after the request was written.
+struct Spare {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Spare {
+    fn of(req: &Request<ReqBody>) -> Option<Spare> {
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+        );
+        let body = match req.body() {
+            ReqBody::Empty => None,
+            ReqBody::Full(d) => d.clone(),
+            ReqBody::Stream { .. } => return None,
+        };
+        idempotent.then(|| Spare {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+            body,
+        })
+    }
+
+    fn to_request(&self) -> Request<ReqBody> {
+        let body = match &self.body {
+            None => ReqBody::Empty,
+            Some(b) => ReqBody::Full(Some(b.clone())),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+async fn dispatch(
+    req: Request<ReqBody>,
+    app: &AppRoute,
+    svc: &ServiceRoute,
+    rc: &RequestConstraints<'_>,
+    shared: &Shared,
+) -> Response<RespBody> {
+    let cfg = &shared.cfg;
+    if let Some(id) = rc.force_instance {
+        match app.machine_states.get(id) {
+            None => {
+                return reply(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "fly-force-instance-id: app {} has no machine {id}",
+                        app.name
+                    ),
+                );
+            }
+            Some(state) if state != "started" => {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "fly-force-instance-id: machine {id} of app {} is {state}",
+                        app.name
+                    ),
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    let spare = Spare::of(&req);
+    let mut pending = Some(req);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = String::new();
+    let mut attempts = 0;
+    while attempts < cfg.max_attempts {
+        attempts += 1;
+        let constraints = Constraints {
+            prefer_region: rc.prefer_region,
+            force_instance: rc.force_instance,
+            exclude: &tried,
+        };
+        let lease = match admit(app, svc, &constraints, shared).await {
+            Ok(l) => l,
+            Err(_) if !tried.is_empty() => break,
+            Err(resp) => return resp,
+        };
+        let backend = Arc::clone(lease.backend());
+        let (mut sender, _reused) = match backend
+            .pool
+            .checkout(backend.addr, cfg.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(machine = %backend.machine_id, error = %e, "connect failed; trying another machine");
+                balance::mark_failing(&backend, cfg.failing_for.as_millis() as u64);
+                last_error = e.to_string();
+                tried.push(Arc::as_ptr(&backend) as usize);
+                continue;
+            }
+        };
+        let Some(req) = pending
+            .take()
+            .or_else(|| spare.as_ref().map(Spare::to_request))
+        else {
+            break;
+        };
+        let sent = tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await;
+        match sent {
+            Ok(Ok(resp)) => return forward_response(resp, sender, lease),
+            Ok(Err(mut e)) => {
+                last_error = format!("machine {}: {}", backend.machine_id, e.error());
+                tracing::info!(machine = %backend.machine_id, error = %e.error(), "upstream request failed");
+                // The request comes back when it never left: safe to send elsewhere.
+                match e.take_message() {
+                    Some(req) => pending = Some(req),
+                    None if spare.is_some() => {}
+                    None => break,
+                }
+                tried.push(Arc::as_ptr(&backend) as usize);
+            }
+            Err(_) => {
+                return reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "machine {} of app {} sent no response within {:?}",
+                        backend.machine_id, app.name, cfg.response_timeout
+                    ),
+                );
+            }
+        }
+    }
+    reply(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "app {}: no machine could take the request after {attempts} attempt(s): {last_error}",
+            app.name
+        ),
+    )
+}
+
+/// A slot on some machine, waiting up to `queue_timeout` when all are at hard limit.
+async fn admit(
+    app: &AppRoute,
+    svc: &ServiceRoute,
+    c: &Constraints<'_>,
+    shared: &Shared,
+) -> Result<Lease, Response<RespBody>> {
+    let capacity = &shared.capacity;
+    let cfg = &shared.cfg;
+    let nothing = || {
+        reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            match c.force_instance {
+                Some(id) => format!("app {}: machine {id} cannot take requests", app.name),
+                None => format!(
+                    "app {} has no started machine for port service {}",
+                    app.name, svc.internal_port
+                ),
+            },
+        )
+    };
+    match balance::choose(svc, c, capacity) {
+        Choice::Leased(l) => return Ok(l),
+        Choice::Nothing => return Err(nothing()),
+        Choice::Busy => {}
+    }
+    if capacity.waiters.load(Ordering::SeqCst) >= cfg.max_queued {
+        return Err(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "app {}: every machine is at its hard limit ({}) and {} requests are already waiting",
+                app.name, svc.concurrency.hard_limit, cfg.max_queued
+            ),
+        ));
+    }
+    capacity.waiters.fetch_add(1, Ordering::SeqCst);
+    struct Waiting<'a>(&'a Capacity);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _waiting = Waiting(capacity);
+    let deadline = tokio::time::Instant::now() + cfg.queue_timeout;
+    loop {
+        let notified = capacity.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match balance::choose(svc, c, capacity) {
+            Choice::Leased(l) => return Ok(l),
+            Choice::Nothing => return Err(nothing()),
+            Choice::Busy => {}
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "app {}: every machine is at its hard limit ({} concurrent requests); waited {:?}",
+                    app.name, svc.concurrency.hard_limit, cfg.queue_timeout
+                ),
+            ));
+        }
+    }
+}
+
+fn forward_response(
+    resp: Response<Incoming>,
+    sender: hyper::client::conn::http1::SendRequest<ReqBody>,
+    lease: Lease,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    // hyper writes the version and framing for the client's connection.
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    let body = UpstreamBody::new(body, Checkin { sender, lease });
+    Response::from_parts(parts, RespBody::Upstream(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_host_cases() {
+        assert_eq!(split_host("example.com"), Some("example.com"));
+        assert_eq!(split_host("example.com:8080"), Some("example.com"));
+        assert_eq!(split_host("[::1]:80"), Some("[::1]"));
+        assert_eq!(split_host("[::1]"), Some("[::1]"));
+        assert_eq!(split_host("exa mple"), None);
+        assert_eq!(split_host("a:b"), None);
+        assert_eq!(split_host("a/b"), None);
+        assert_eq!(split_host("[::1]x"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert!(h.get("x-kept").is_some());
+    }
+}

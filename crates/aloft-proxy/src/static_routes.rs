@@ -1,0 +1,96 @@
+//! The static route source: a TOML file with the shape of [`RoutesSpec`], loaded into
+//! [`Routes`] exactly as the catalog would be.
+
+use std::path::{Path, PathBuf};
+
+use crate::routes::{RouteTableError, Routes, RoutesSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesFileError {
+    #[error("cannot read routes file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The toml error names the line, column and key.
+    #[error("routes file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("routes file {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: RouteTableError,
+    },
+}
+
+/// Read and parse a routes file without publishing it.
+pub fn read_routes_file(path: &Path) -> Result<RoutesSpec, RoutesFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RoutesFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| RoutesFileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Read `path` and publish it in `routes`; on any error the current table stays.
+pub fn load_routes_file(path: &Path, routes: &Routes) -> Result<(), RoutesFileError> {
+    let spec = read_routes_file(path)?;
+    routes
+        .update(&spec)
+        .map_err(|source| RoutesFileError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_error_names_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(
+            &path,
+            "[[apps]]\nname = \"a\"\nhostnames = [\"*\"]\n[[apps.services]]\ninternal_port = \"x\"\n",
+        )
+        .unwrap();
+        let routes = Routes::new("local");
+        let msg = load_routes_file(&path, &routes).unwrap_err().to_string();
+        assert!(msg.contains("routes.toml"), "{msg}");
+        assert!(msg.contains("internal_port"), "{msg}");
+        assert!(msg.contains("line 5"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(
+            &path,
+            "[[apps]]\nname = \"a\"\nhostnames = [\"*\"]\nhostname = 1\n",
+        )
+        .unwrap();
+        let msg = load_routes_file(&path, &Routes::new("local"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("hostname"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_value_names_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, "[[apps]]\nname = \"a\"\nhostnames = []\n").unwrap();
+        let msg = load_routes_file(&path, &Routes::new("local"))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("apps[0].hostnames"), "{msg}");
+    }
+}
