@@ -166,14 +166,17 @@ const fn gpu(name: &'static str, cpus: i64, mb: i64, kind: &'static str) -> Gues
 impl MachineGuest {
     /// The guest of a named size, or `None` for an unknown size.
     pub fn from_size(size: &str) -> Option<Self> {
-        GUEST_PRESETS.iter().find(|p| p.name == size).map(|p| MachineGuest {
-            cpu_kind: p.cpu_kind.into(),
-            cpus: p.cpus,
-            memory_mb: p.memory_mb,
-            gpus: p.gpus,
-            gpu_kind: p.gpu_kind.into(),
-            ..Default::default()
-        })
+        GUEST_PRESETS
+            .iter()
+            .find(|p| p.name == size)
+            .map(|p| MachineGuest {
+                cpu_kind: p.cpu_kind.into(),
+                cpus: p.cpus,
+                memory_mb: p.memory_mb,
+                gpus: p.gpus,
+                gpu_kind: p.gpu_kind.into(),
+                ..Default::default()
+            })
     }
 }
 
@@ -447,7 +450,10 @@ mod tests {
     #[test]
     fn presets() {
         let g = MachineGuest::from_size("performance-2x").unwrap();
-        assert_eq!((g.cpu_kind.as_str(), g.cpus, g.memory_mb), ("performance", 2, 4096));
+        assert_eq!(
+            (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+            ("performance", 2, 4096)
+        );
         assert!(MachineGuest::from_size("huge").is_none());
     }
 }
