@@ -7,4 +7,16 @@
 //! overlays or VMs: it hands out a read-only base image and the image config.
 
 pub mod apply;
+pub mod archive;
 pub mod blobs;
+pub mod ext4;
+pub mod registry;
+pub mod store;
+
+pub use apply::{ApplyError, ApplyLimits};
+pub use archive::{ImportError, Imported, import, normalise_reference};
+pub use blobs::{BlobError, BlobStore};
+pub use registry::{Credentials, PullError, PullOptions, Pulled, pull};
+pub use store::{
+    GcReport, ImageConfig, ImageRecord, ImageStore, Progress, ProgressFn, StoreError, no_progress,
+};
