@@ -87,10 +87,18 @@ pub struct LoadedConfig {
 }
 
 /// Finds the config file in `dir`: `fly.toml`, then `aloft.toml`.
+/// In the current directory (`"."`), the path returned is the bare file name, so that
+/// messages read `fly.toml:3:1: …`.
 pub fn find_config(dir: &Path) -> Result<PathBuf, ConfigError> {
     DEFAULT_FILE_NAMES
         .iter()
-        .map(|n| dir.join(n))
+        .map(|n| {
+            if dir == Path::new(".") {
+                PathBuf::from(n)
+            } else {
+                dir.join(n)
+            }
+        })
         .find(|p| p.is_file())
         .ok_or_else(|| ConfigError::NotFound {
             dir: dir.to_path_buf(),

@@ -91,7 +91,12 @@ pub fn run(cmd: ConfigCommand) -> anyhow::Result<ExitCode> {
 fn load_or_report(arg: &ConfigFileArg) -> anyhow::Result<Option<LoadedConfig>> {
     let path = match &arg.config {
         Some(p) => p.clone(),
-        None => appconfig::find_config(&std::env::current_dir()?)?,
+        None => appconfig::find_config(std::path::Path::new(".")).map_err(|_| {
+            anyhow::anyhow!(
+                "no fly.toml or aloft.toml in {}",
+                std::env::current_dir().unwrap_or_default().display()
+            )
+        })?,
     };
     match appconfig::load(&path) {
         Ok(loaded) => {
