@@ -15,6 +15,7 @@ pub mod body;
 mod clock;
 mod pool;
 pub mod routes;
+mod scan;
 pub mod server;
 pub mod static_routes;
 

@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,10 @@ use tokio::sync::Semaphore;
 use crate::balance::{self, Capacity, Choice, Constraints, Lease};
 use crate::body::{Checkin, ReqBody, RespBody, UpstreamBody};
 use crate::routes::{AppRoute, Routes, ServiceRoute};
+use crate::scan::ScanStream;
+
+/// Per-connection read buffer bound (bounded memory per connection).
+const READ_BUF_MAX: usize = 128 * 1024;
 
 /// Bodies up to this size are read whole before a machine is chosen.
 const BUFFER_LIMIT: usize = 64 * 1024;
@@ -59,7 +63,6 @@ pub struct ProxyConfig {
     /// Time allowed to receive the first [`BUFFER_LIMIT`] bytes of a request body.
     pub body_read_timeout: Duration,
     /// Largest request head (request line + headers) in bytes; larger gets 431.
-    /// hyper enforces at least 8192.
     pub max_header_bytes: usize,
     /// Most header fields in one request; more gets 431.
     pub max_headers: usize,
@@ -130,6 +133,9 @@ struct ConnCtx {
     client_ip_hv: HeaderValue,
     public_port: u16,
     port_hv: HeaderValue,
+    /// Set by [`ScanStream`] when a request head had Content-Length and
+    /// Transfer-Encoding.
+    framing_conflict: Arc<AtomicBool>,
 }
 
 /// Serve `listeners` with `routes` until `shutdown` completes, then stop accepting,
@@ -187,7 +193,10 @@ pub async fn serve(
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let ip = canonical_ip(peer);
+                let framing_conflict = Arc::new(AtomicBool::new(false));
+                let stream = ScanStream::new(stream, Arc::clone(&framing_conflict));
                 let ctx = Arc::new(ConnCtx {
+                    framing_conflict,
                     shared: Arc::clone(&shared),
                     client_ip: ip,
                     client_ip_hv: header_value_of(&ip.to_string()),
@@ -198,7 +207,8 @@ pub async fn serve(
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(shared.cfg.header_read_timeout)
-                    .max_buf_size(shared.cfg.max_header_bytes.max(8192))
+                    .max_header_size(shared.cfg.max_header_bytes)
+                    .max_buf_size(READ_BUF_MAX.max(shared.cfg.max_header_bytes + 8192))
                     .max_headers(shared.cfg.max_headers)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), svc);
@@ -280,7 +290,8 @@ async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBo
 
     // validate: framing and Host.
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
+        && (parts.headers.contains_key(header::CONTENT_LENGTH)
+            || ctx.framing_conflict.swap(false, Ordering::Relaxed))
     {
         return reply_close(
             StatusCode::BAD_REQUEST,
