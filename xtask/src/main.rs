@@ -91,10 +91,10 @@ fn demo(data_dir: Option<PathBuf>) -> Result<()> {
     println!("demo deployment are still being built (issues: boot, agent, Machines API, CLI).");
     println!("What works today:");
     println!(
-        "  target/release/aloft config validate -c ../shared/fly/flyctl-testdata/full-reference.toml"
+        "  target/release/aloft config validate -c ../shared/fly/flyctl-testdata/tomachine.toml"
     );
     println!(
-        "  target/release/aloft config machine -c ../shared/fly/flyctl-testdata/full-reference.toml --json"
+        "  target/release/aloft config machine -c ../shared/fly/flyctl-testdata/tomachine-processgroups.toml --group vpn --json"
     );
     Ok(())
 }
