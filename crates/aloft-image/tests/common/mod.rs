@@ -313,8 +313,18 @@ impl Registry {
 
     /// Pushes an OCI layout as `name:tag` with skopeo.
     pub fn push(&self, layout: &Path, name_tag: &str, creds: Option<(&str, &str)>) {
+        self.skopeo(layout, name_tag, creds, &[]);
+    }
+
+    /// Pushes an OCI layout as a Docker schema2 image.
+    pub fn push_v2s2(&self, layout: &Path, name_tag: &str) {
+        self.skopeo(layout, name_tag, None, &["--format", "v2s2"]);
+    }
+
+    fn skopeo(&self, layout: &Path, name_tag: &str, creds: Option<(&str, &str)>, extra: &[&str]) {
         let mut cmd = Command::new(need("skopeo"));
         cmd.args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"]);
+        cmd.args(extra);
         if let Some((u, p)) = creds {
             cmd.arg(format!("--dest-creds={u}:{p}"));
         }
@@ -344,5 +354,49 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Registry {
+    /// Pushes an OCI layout exactly as it is (no recompression, unlike skopeo),
+    /// with oci-client's monolithic uploads.
+    pub fn push_raw(&self, layout: &Layout, name_tag: &str) {
+        use oci_client::client::{ClientConfig, ClientProtocol};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let r: oci_client::Reference = format!("{}/{name_tag}", self.host()).parse().unwrap();
+        let client = oci_client::Client::new(ClientConfig {
+            protocol: ClientProtocol::Http,
+            ..Default::default()
+        });
+        let blobs = layout.dir.join("blobs/sha256");
+        let manifest = std::fs::read(blobs.join(&layout.manifest_digest[7..])).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            client
+                .auth(
+                    &r,
+                    &oci_client::secrets::RegistryAuth::Anonymous,
+                    oci_client::RegistryOperation::Push,
+                )
+                .await
+                .unwrap();
+            let mut digests = layout.layer_digests.clone();
+            digests.push(layout.config_digest.clone());
+            for d in digests {
+                let data = std::fs::read(blobs.join(&d[7..])).unwrap();
+                client.push_blob(&r, data, &d).await.unwrap();
+            }
+            client
+                .push_manifest_raw(
+                    &r,
+                    manifest,
+                    http::HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
+                )
+                .await
+                .unwrap();
+        });
     }
 }
