@@ -1,0 +1,221 @@
+//! Guest boot files: the base initramfs (aloft-init as `/init`, the virtio modules,
+//! `/dev/console`), built once per (init, kernel) pair and cached, and the per-machine
+//! initrd, which is the base with a small second cpio archive holding `/run.json`
+//! appended (Linux unpacks concatenated archives in order).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::kernel::GuestKernel;
+
+/// Why boot files could not be assembled.
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The modules aloft-init loads, in load order (there is no modules.dep).
+pub const GUEST_MODULES: &[&str] = &[
+    "virtio_ring",
+    "virtio",
+    "virtio_mmio",
+    "virtio_blk",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_console",
+    "virtio-rng",
+    "virtio_balloon",
+    "button",
+    "evdev",
+    "overlay",
+];
+
+/// A cpio archive in the "newc" format, built in memory.
+#[derive(Default)]
+pub struct CpioWriter {
+    buf: Vec<u8>,
+    ino: u32,
+}
+
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFCHR: u32 = 0o020000;
+
+impl CpioWriter {
+    pub fn dir(&mut self, path: &str, mode: u32) {
+        self.entry(path, S_IFDIR | mode, 0, 0, &[]);
+    }
+
+    pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) {
+        self.entry(path, S_IFREG | mode, 0, 0, data);
+    }
+
+    pub fn char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) {
+        self.entry(path, S_IFCHR | mode, major, minor, &[]);
+    }
+
+    fn entry(&mut self, path: &str, mode: u32, rmajor: u32, rminor: u32, data: &[u8]) {
+        self.ino += 1;
+        let name_len = path.len() + 1;
+        let nlink = if mode & S_IFDIR != 0 { 2 } else { 1 };
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0,
+            0,
+            nlink,
+            0,
+            data.len(),
+            0,
+            0,
+            rmajor,
+            rminor,
+            name_len,
+            0
+        );
+        self.buf.extend_from_slice(header.as_bytes());
+        self.buf.extend_from_slice(path.as_bytes());
+        self.buf.push(0);
+        self.pad4();
+        self.buf.extend_from_slice(data);
+        self.pad4();
+    }
+
+    fn pad4(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+
+    /// Ends the archive with the trailer entry.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.ino = 0;
+        self.entry("TRAILER!!!", 0, 0, 0, &[]);
+        self.buf
+    }
+}
+
+/// Builds (or finds in the cache) the base initramfs for this init binary and kernel.
+/// The cache key is the hash of the init binary and of every module included.
+pub fn base_initramfs(
+    kernel: &GuestKernel,
+    init_bin: &Path,
+    cache_dir: &Path,
+) -> Result<PathBuf, InitramfsError> {
+    let read = |path: &Path| {
+        fs::read(path).map_err(|source| InitramfsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let init = read(init_bin)?;
+    let mut modules = Vec::new();
+    for name in GUEST_MODULES {
+        let path = kernel.modules_dir.join(format!("{name}.ko"));
+        if path.exists() {
+            modules.push((name.to_string(), read(&path)?));
+        }
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(&init);
+    for (name, data) in &modules {
+        hasher.update(name.as_bytes());
+        hasher.update(data);
+    }
+    let key = hex::encode(&hasher.finalize()[..12]);
+    let path = cache_dir.join(format!("initramfs-{key}.cpio"));
+    if path.exists() {
+        return Ok(path);
+    }
+    let mut cpio = CpioWriter::default();
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "newroot",
+        "lib",
+        "lib/modules",
+    ] {
+        cpio.dir(dir, 0o755);
+    }
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    cpio.char_device("dev/null", 0o666, 1, 3);
+    cpio.file("init", 0o755, &init);
+    for (name, data) in &modules {
+        cpio.file(&format!("lib/modules/{name}.ko"), 0o644, data);
+    }
+    write_atomically(&path, &cpio.finish())?;
+    Ok(path)
+}
+
+/// The per-machine initrd: the base archive followed by one holding `/run.json`.
+pub fn machine_initrd(base: &Path, run_json: &[u8], dest: &Path) -> Result<(), InitramfsError> {
+    let mut data = fs::read(base).map_err(|source| InitramfsError::Read {
+        path: base.to_path_buf(),
+        source,
+    })?;
+    let mut cpio = CpioWriter::default();
+    cpio.file("run.json", 0o600, run_json);
+    data.extend_from_slice(&cpio.finish());
+    write_atomically(dest, &data)
+}
+
+pub(crate) fn write_atomically(path: &Path, data: &[u8]) -> Result<(), InitramfsError> {
+    let err = |source| InitramfsError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = fs::File::create(&tmp).map_err(err)?;
+    f.write_all(data).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_is_readable_by_gnu_cpio() {
+        let mut w = CpioWriter::default();
+        w.dir("etc", 0o755);
+        w.file("etc/hello.txt", 0o644, b"hello\n");
+        w.file("run.json", 0o600, b"{}");
+        let data = w.finish();
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a.cpio");
+        fs::write(&archive, &data).unwrap();
+        let out = std::process::Command::new("cpio")
+            .args(["-it", "-F"])
+            .arg(&archive)
+            .output()
+            .expect("cpio is installed by `cargo xtask setup`");
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            listing.lines().collect::<Vec<_>>(),
+            ["etc", "etc/hello.txt", "run.json"]
+        );
+    }
+}
