@@ -6,9 +6,761 @@
 //! It owns the inside of one VM. It must stay small and depend on `aloft-types`
 //! alone: it never reaches the host's state except through the channel.
 
+mod api;
+mod boot;
+mod netlink;
+mod port;
+mod process;
+mod procfs;
+mod sys;
+mod users;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aloft_types::guest::{GuestMessage, HostMessage, RUN_CONFIG_PATH, RunConfig, Stream};
+
+use crate::port::Port;
+use crate::process::{Output, Spawned};
+use crate::sys::ExitStatus;
+
+/// Signals PID 1 takes through its signalfd.
+const HANDLED_SIGNALS: &[i32] = &[
+    libc::SIGCHLD,
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGQUIT,
+    libc::SIGPWR,
+];
+/// Signals forwarded to the app.
+const FORWARDED_SIGNALS: &[i32] = &[
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGQUIT,
+];
+const READY_CHECK_EVERY: Duration = Duration::from_millis(20);
+/// How long output is still collected after a process ended (grandchildren may hold
+/// the pipes open).
+const OUTPUT_GRACE: Duration = Duration::from_millis(300);
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+
 fn main() {
-    eprintln!(
-        "aloft-init: not built yet (see the boot issue); this binary only runs as a guest PID 1"
-    );
-    std::process::exit(1);
+    // SAFETY: getpid cannot fail.
+    if unsafe { libc::getpid() } != 1 {
+        eprintln!("aloft-init: this is a guest PID 1 and runs only as the init of an aloft VM");
+        std::process::exit(2);
+    }
+    let boot_ms = sys::uptime_ms();
+    let sigfd = match sys::signalfd(HANDLED_SIGNALS) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("aloft-init: signalfd: {e}");
+            sys::power_off()
+        }
+    };
+    let mut port = Port::new(boot_ms);
+    if let Err(e) = boot::early_mounts() {
+        fatal(&mut port, None, &e.to_string());
+    }
+    boot::load_modules(Path::new("/lib/modules"));
+    let _ = port.tick(Instant::now());
+    let cfg = match std::fs::read(RUN_CONFIG_PATH)
+        .map_err(|e| format!("{RUN_CONFIG_PATH}: {e}"))
+        .and_then(|t| RunConfig::from_json(RUN_CONFIG_PATH, &t).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => fatal(&mut port, None, &e),
+    };
+    let creds = match setup(&cfg) {
+        Ok(c) => c,
+        Err(e) => fatal(&mut port, Some(&cfg), &e),
+    };
+    port.send(&GuestMessage::InitStarted {
+        uptime_ms: sys::uptime_ms(),
+    });
+    let mut init = Init::new(cfg, creds, sigfd, port);
+    init.start_app();
+    init.run()
+}
+
+/// Everything between the initramfs and the app: root switch, mounts, names, network.
+fn setup(cfg: &RunConfig) -> Result<users::Credentials, String> {
+    cfg.kill_signal_number().map_err(|e| e.to_string())?;
+    boot::switch_root(cfg).map_err(|e| e.to_string())?;
+    boot::late_mounts().map_err(|e| e.to_string())?;
+    boot::mount_volumes(cfg).map_err(|e| e.to_string())?;
+    boot::write_files(cfg).map_err(|e| e.to_string())?;
+    boot::names(cfg).map_err(|e| e.to_string())?;
+    boot::network(cfg).map_err(|e| e.to_string())?;
+    if let Err(e) = sys::raise_nofile() {
+        eprintln!("aloft-init: raising RLIMIT_NOFILE: {e}");
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    users::resolve(&cfg.image_config.user, &passwd, &group)
+        .map_err(|e| format!("image user {:?}: {e}", cfg.image_config.user))
+}
+
+/// Reports a failure that leaves nothing to run, then powers off.
+fn fatal(port: &mut Port, cfg: Option<&RunConfig>, message: &str) -> ! {
+    eprintln!("aloft-init: {message}");
+    port.send(&GuestMessage::Error {
+        message: message.to_string(),
+    });
+    finish(port, cfg, None, false)
+}
+
+/// Last words: unmount, report the exit, let the channel drain, power off.
+fn finish(port: &mut Port, cfg: Option<&RunConfig>, status: Option<ExitStatus>, oom: bool) -> ! {
+    sys::sync();
+    if let Some(cfg) = cfg {
+        for failure in boot::unmount_volumes(cfg) {
+            eprintln!("aloft-init: {failure}");
+            port.send(&GuestMessage::Error { message: failure });
+        }
+    }
+    port.send(&GuestMessage::Exit {
+        code: status.and_then(|s| s.code),
+        signal: status.and_then(|s| s.signal),
+        oom,
+    });
+    port.drain(Instant::now() + Duration::from_secs(3));
+    sys::power_off()
+}
+
+fn read_oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|t| procfs::oom_kills(&t))
+        .unwrap_or(0)
+}
+
+struct App {
+    pid: i32,
+    outputs: Vec<Output>,
+    status: Option<ExitStatus>,
+    ended_at: Option<Instant>,
+}
+
+struct ExecProc {
+    pid: i32,
+    stdin: Option<File>,
+    stdin_buf: Vec<u8>,
+    stdin_eof: bool,
+    outputs: Vec<Output>,
+    pty: Option<File>,
+    status: Option<ExitStatus>,
+    ended_at: Option<Instant>,
+}
+
+/// What a pollfd in the main loop belongs to.
+#[derive(Clone, Copy)]
+enum Slot {
+    Signals,
+    Port,
+    AppOut(usize),
+    ExecOut(u64, usize),
+    ExecIn(u64),
+    Api,
+    Input(usize),
+}
+
+struct Init {
+    cfg: RunConfig,
+    creds: users::Credentials,
+    env: BTreeMap<String, String>,
+    sigfd: File,
+    port: Port,
+    app: Option<App>,
+    /// Set once the app could not start: (message, exit code).
+    app_failed: Option<i32>,
+    execs: BTreeMap<u64, ExecProc>,
+    metadata: BTreeMap<String, String>,
+    api: Option<api::Api>,
+    inputs: Vec<File>,
+    ready_sent: bool,
+    next_ready_check: Instant,
+    stop_deadline: Option<Instant>,
+    oom_before: u64,
+}
+
+impl Init {
+    fn new(cfg: RunConfig, creds: users::Credentials, sigfd: File, port: Port) -> Init {
+        let mut env = cfg.environment();
+        env.entry("HOME".into())
+            .or_insert_with(|| creds.home.clone());
+        let metadata = cfg.config.metadata.clone();
+        let api = match api::Api::bind(Path::new("/.fly/api")) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("aloft-init: metadata API on /.fly/api: {e}");
+                None
+            }
+        };
+        Init {
+            creds,
+            env,
+            sigfd,
+            port,
+            app: None,
+            app_failed: None,
+            execs: BTreeMap::new(),
+            metadata,
+            api,
+            inputs: open_power_buttons(),
+            ready_sent: false,
+            next_ready_check: Instant::now(),
+            stop_deadline: None,
+            oom_before: read_oom_kills(),
+            cfg,
+        }
+    }
+
+    fn start_app(&mut self) {
+        let argv = match self.cfg.command() {
+            Ok(a) => a,
+            Err(e) => {
+                self.error(e.to_string());
+                self.app_failed = Some(127);
+                return;
+            }
+        };
+        let cwd = if self.cfg.image_config.working_dir.is_empty() {
+            "/".to_string()
+        } else {
+            self.cfg.image_config.working_dir.clone()
+        };
+        let _ = std::fs::create_dir_all(&cwd);
+        let tty = self.cfg.config.init.tty.then_some((24, 80));
+        match process::spawn(&process::Spec {
+            argv: &argv,
+            env: &self.env,
+            cwd: &cwd,
+            creds: &self.creds,
+            tty,
+            stdin: false,
+        }) {
+            Ok(s) => {
+                self.port.send(&GuestMessage::AppStarted {
+                    pid: s.pid,
+                    uptime_ms: sys::uptime_ms(),
+                });
+                self.app = Some(App {
+                    pid: s.pid,
+                    outputs: s.outputs,
+                    status: None,
+                    ended_at: None,
+                });
+            }
+            Err(e) => {
+                self.error(e.message);
+                self.app_failed = Some(e.code);
+            }
+        }
+    }
+
+    fn error(&mut self, message: String) {
+        eprintln!("aloft-init: {message}");
+        self.port.send(&GuestMessage::Error { message });
+    }
+
+    fn app_running(&self) -> bool {
+        self.app.as_ref().is_some_and(|a| a.status.is_none())
+    }
+
+    /// The app is done and its output collected (or the grace time is over).
+    fn app_finished(&self, now: Instant) -> bool {
+        if self.app_failed.is_some() {
+            return true;
+        }
+        match &self.app {
+            Some(a) => match a.ended_at {
+                Some(t) => a.outputs.iter().all(|o| !o.open) || now >= t + OUTPUT_GRACE,
+                None => false,
+            },
+            None => true,
+        }
+    }
+
+    fn begin_stop(&mut self, signal: i32, timeout: Duration) {
+        if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none()) {
+            let _ = sys::kill(app.pid, signal);
+            let deadline = Instant::now() + timeout;
+            self.stop_deadline = Some(self.stop_deadline.map_or(deadline, |d| d.min(deadline)));
+        } else if self.app.is_none() && self.app_failed.is_none() {
+            self.app_failed = Some(0);
+        }
+    }
+
+    fn run(mut self) -> ! {
+        loop {
+            let now = Instant::now();
+            if self.app_finished(now) {
+                self.shutdown();
+            }
+            let mut fds = Vec::new();
+            let mut slots = Vec::new();
+            fds.push(pollfd(self.sigfd.as_raw_fd(), libc::POLLIN));
+            slots.push(Slot::Signals);
+            if let Some(p) = self.port.pollfd() {
+                fds.push(p);
+                slots.push(Slot::Port);
+            }
+            if let Some(app) = &self.app {
+                for (i, o) in app.outputs.iter().enumerate().filter(|(_, o)| o.open) {
+                    fds.push(pollfd(o.file.as_raw_fd(), libc::POLLIN));
+                    slots.push(Slot::AppOut(i));
+                }
+            }
+            for (id, e) in &self.execs {
+                for (i, o) in e.outputs.iter().enumerate().filter(|(_, o)| o.open) {
+                    fds.push(pollfd(o.file.as_raw_fd(), libc::POLLIN));
+                    slots.push(Slot::ExecOut(*id, i));
+                }
+                if let Some(stdin) = e.stdin.as_ref().filter(|_| !e.stdin_buf.is_empty()) {
+                    fds.push(pollfd(stdin.as_raw_fd(), libc::POLLOUT));
+                    slots.push(Slot::ExecIn(*id));
+                }
+            }
+            if let Some(api) = &self.api {
+                let before = fds.len();
+                api.pollfds(&mut fds);
+                slots.extend(std::iter::repeat_n(Slot::Api, fds.len() - before));
+            }
+            for (i, f) in self.inputs.iter().enumerate() {
+                fds.push(pollfd(f.as_raw_fd(), libc::POLLIN));
+                slots.push(Slot::Input(i));
+            }
+            let timeout = self.timeout(now);
+            if let Err(e) = sys::poll(&mut fds, timeout.as_millis().min(i32::MAX as u128) as i32) {
+                eprintln!("aloft-init: poll: {e}");
+            }
+            let mut api_ready = false;
+            for (p, slot) in fds.iter().zip(&slots) {
+                if p.revents == 0 {
+                    continue;
+                }
+                match *slot {
+                    Slot::Signals => self.on_signals(),
+                    Slot::Port => {}
+                    Slot::AppOut(i) => self.on_app_output(i),
+                    Slot::ExecOut(id, i) => self.on_exec_output(id, i),
+                    Slot::ExecIn(id) => self.write_exec_stdin(id),
+                    Slot::Api => api_ready = true,
+                    Slot::Input(i) => self.on_input(i),
+                }
+            }
+            let now = Instant::now();
+            if let Some(api) = self.api.as_mut().filter(|a| api_ready || a.has_conns()) {
+                api.service(&mut self.metadata, now);
+            }
+            for msg in self.port.tick(now) {
+                self.on_host(msg);
+            }
+            self.check_ready(now);
+            self.check_stop(now);
+            self.finish_execs(now);
+            self.port.flush();
+        }
+    }
+
+    fn timeout(&self, now: Instant) -> Duration {
+        let mut t = Duration::from_secs(1);
+        if let Some(ms) = self.port.timeout_ms() {
+            t = t.min(Duration::from_millis(ms));
+        }
+        if !self.ready_sent && !self.cfg.ready_ports.is_empty() && self.app_running() {
+            t = t.min(self.next_ready_check.saturating_duration_since(now));
+        }
+        if let Some(d) = self.stop_deadline {
+            t = t.min(d.saturating_duration_since(now));
+        }
+        if let Some(end) = self.app.as_ref().and_then(|a| a.ended_at) {
+            t = t.min((end + OUTPUT_GRACE).saturating_duration_since(now));
+        }
+        for e in self.execs.values() {
+            if let Some(end) = e.ended_at {
+                t = t.min((end + OUTPUT_GRACE).saturating_duration_since(now));
+            }
+        }
+        if self.api.as_ref().is_some_and(|a| a.has_conns()) {
+            t = t.min(Duration::from_millis(100));
+        }
+        t
+    }
+
+    fn on_signals(&mut self) {
+        while let Some(sig) = sys::read_signal(&self.sigfd) {
+            match sig {
+                libc::SIGCHLD => self.reap(),
+                libc::SIGPWR => self.graceful_stop(),
+                s if FORWARDED_SIGNALS.contains(&s) => {
+                    if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none()) {
+                        let _ = sys::kill(app.pid, s);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn graceful_stop(&mut self) {
+        let sig = self.cfg.kill_signal_number().unwrap_or(libc::SIGINT);
+        self.begin_stop(sig, Duration::from_millis(self.cfg.kill_timeout_ms));
+    }
+
+    fn reap(&mut self) {
+        let now = Instant::now();
+        while let Some((pid, status)) = sys::reap_one() {
+            if let Some(app) = self.app.as_mut().filter(|a| a.pid == pid) {
+                app.status = Some(status);
+                app.ended_at = Some(now);
+            } else if let Some(e) = self.execs.values_mut().find(|e| e.pid == pid) {
+                e.status = Some(status);
+                e.ended_at = Some(now);
+            }
+        }
+    }
+
+    fn on_app_output(&mut self, i: usize) {
+        let Some(o) = self.app.as_mut().and_then(|a| a.outputs.get_mut(i)) else {
+            return;
+        };
+        let stream = o.stream;
+        let lines = o.read_lines();
+        for line in lines {
+            echo(stream, &line);
+            self.port.send(&GuestMessage::Log {
+                stream,
+                ts_ms: sys::wall_ms(),
+                line,
+            });
+        }
+    }
+
+    fn on_exec_output(&mut self, id: u64, i: usize) {
+        let Some(o) = self.execs.get_mut(&id).and_then(|e| e.outputs.get_mut(i)) else {
+            return;
+        };
+        let stream = o.stream;
+        let data = o.read_available();
+        if !data.is_empty() {
+            self.port
+                .send(&GuestMessage::ExecOutput { id, stream, data });
+        }
+    }
+
+    fn write_exec_stdin(&mut self, id: u64) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        if let Some(stdin) = e.stdin.as_mut() {
+            while !e.stdin_buf.is_empty() {
+                match stdin.write(&e.stdin_buf) {
+                    Ok(n) => {
+                        e.stdin_buf.drain(..n);
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        e.stdin_buf.clear();
+                        e.stdin = None;
+                        break;
+                    }
+                }
+            }
+        }
+        if e.stdin_eof && e.stdin_buf.is_empty() && e.pty.is_none() {
+            e.stdin = None;
+        }
+    }
+
+    fn on_input(&mut self, i: usize) {
+        let Some(f) = self.inputs.get_mut(i) else {
+            return;
+        };
+        // struct input_event on x86-64: timeval (16), type u16, code u16, value i32.
+        let mut buf = [0u8; 24 * 16];
+        let mut power = false;
+        match f.read(&mut buf) {
+            Ok(n) => {
+                for ev in buf[..n].chunks_exact(24) {
+                    let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+                    let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                    let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                    power |= kind == EV_KEY && code == KEY_POWER && value == 1;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                self.inputs.remove(i);
+            }
+        }
+        if power {
+            eprintln!("aloft-init: power button: stopping the app");
+            self.graceful_stop();
+        }
+    }
+
+    fn on_host(&mut self, msg: HostMessage) {
+        match msg {
+            HostMessage::HelloAck { .. } => {}
+            HostMessage::Signal { signal } => {
+                if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none())
+                    && let Err(e) = sys::kill(app.pid, signal)
+                {
+                    let message = format!("signal {signal} to pid {}: {e}", app.pid);
+                    self.error(message);
+                }
+            }
+            HostMessage::Stop { signal, timeout_ms } => {
+                self.begin_stop(signal, Duration::from_millis(timeout_ms))
+            }
+            HostMessage::Exec {
+                id,
+                cmd,
+                env,
+                tty,
+                rows,
+                cols,
+            } => self.start_exec(id, cmd, env, tty.then_some((rows, cols))),
+            HostMessage::ExecStdin { id, data, eof } => {
+                if let Some(e) = self.execs.get_mut(&id) {
+                    e.stdin_buf.extend_from_slice(&data);
+                    e.stdin_eof |= eof;
+                    self.write_exec_stdin(id);
+                }
+            }
+            HostMessage::ExecResize { id, rows, cols } => {
+                if let Some(pty) = self.execs.get(&id).and_then(|e| e.pty.as_ref()) {
+                    let _ = sys::set_winsize(pty.as_raw_fd(), rows, cols);
+                }
+            }
+            HostMessage::MetadataGet { request_id, key } => {
+                let value = self.metadata.get(&key).cloned();
+                self.port.send(&GuestMessage::MetadataValue {
+                    request_id,
+                    key,
+                    value,
+                });
+            }
+            HostMessage::MetadataSet {
+                request_id,
+                key,
+                value,
+            } => {
+                self.metadata.insert(key.clone(), value.clone());
+                self.port.send(&GuestMessage::MetadataValue {
+                    request_id,
+                    key,
+                    value: Some(value),
+                });
+            }
+        }
+    }
+
+    fn start_exec(
+        &mut self,
+        id: u64,
+        cmd: Vec<String>,
+        extra: BTreeMap<String, String>,
+        tty: Option<(u16, u16)>,
+    ) {
+        let mut env = self.env.clone();
+        env.extend(extra);
+        let root = users::Credentials {
+            uid: 0,
+            gid: 0,
+            groups: vec![0],
+            home: "/root".into(),
+        };
+        match process::spawn(&process::Spec {
+            argv: &cmd,
+            env: &env,
+            cwd: "/",
+            creds: &root,
+            tty,
+            stdin: true,
+        }) {
+            Ok(Spawned {
+                pid,
+                stdin,
+                outputs,
+                pty,
+            }) => {
+                self.port.send(&GuestMessage::ExecStarted { id, pid });
+                self.execs.insert(
+                    id,
+                    ExecProc {
+                        pid,
+                        stdin,
+                        stdin_buf: Vec::new(),
+                        stdin_eof: false,
+                        outputs,
+                        pty,
+                        status: None,
+                        ended_at: None,
+                    },
+                );
+            }
+            Err(e) => self.port.send(&GuestMessage::ExecExit {
+                id,
+                code: Some(e.code),
+                signal: None,
+                error: Some(e.message),
+            }),
+        }
+    }
+
+    /// Reports exec'd commands that ended once their output is in.
+    fn finish_execs(&mut self, now: Instant) {
+        let done: Vec<u64> = self
+            .execs
+            .iter()
+            .filter(|(_, e)| match e.ended_at {
+                // A PTY master never reports EOF while the session lives on; once the
+                // child is gone, what is readable is all there is.
+                Some(t) => {
+                    e.outputs.iter().all(|o| !o.open) || e.pty.is_some() || now >= t + OUTPUT_GRACE
+                }
+                None => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            for i in 0..self.execs.get(&id).map_or(0, |e| e.outputs.len()) {
+                self.on_exec_output(id, i);
+            }
+            if let Some(e) = self.execs.remove(&id) {
+                let st = e.status.unwrap_or(ExitStatus {
+                    code: None,
+                    signal: None,
+                });
+                self.port.send(&GuestMessage::ExecExit {
+                    id,
+                    code: st.code,
+                    signal: st.signal,
+                    error: None,
+                });
+            }
+        }
+    }
+
+    fn check_ready(&mut self, now: Instant) {
+        if self.ready_sent
+            || self.cfg.ready_ports.is_empty()
+            || !self.app_running()
+            || now < self.next_ready_check
+        {
+            return;
+        }
+        self.next_ready_check = now + READY_CHECK_EVERY;
+        let v4 = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let v6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+        if let Some(port) = procfs::first_ready(&self.cfg.ready_ports, &[&v4, &v6]) {
+            self.ready_sent = true;
+            self.port.send(&GuestMessage::Ready {
+                port,
+                uptime_ms: sys::uptime_ms(),
+            });
+        }
+    }
+
+    fn check_stop(&mut self, now: Instant) {
+        if let Some(d) = self.stop_deadline
+            && now >= d
+        {
+            self.stop_deadline = None;
+            if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none()) {
+                eprintln!("aloft-init: app did not stop in time: SIGKILL");
+                let _ = sys::kill(-app.pid, libc::SIGKILL);
+                let _ = sys::kill(app.pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// The app is done: end the leftovers, report, power off.
+    fn shutdown(&mut self) -> ! {
+        // Collect what is still buffered in the app's pipes.
+        for i in 0..self.app.as_ref().map_or(0, |a| a.outputs.len()) {
+            self.on_app_output(i);
+        }
+        let _ = sys::kill(-1, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            self.reap();
+            // SAFETY: probing for any remaining child; no memory arguments.
+            let none_left = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } < 0;
+            if none_left {
+                break;
+            }
+            let mut p = [pollfd(self.sigfd.as_raw_fd(), libc::POLLIN)];
+            let _ = sys::poll(&mut p, 20);
+            while sys::read_signal(&self.sigfd).is_some() {}
+        }
+        let _ = sys::kill(-1, libc::SIGKILL);
+        self.reap();
+        let status = match (&self.app, self.app_failed) {
+            (Some(a), _) => a.status,
+            (None, Some(code)) => Some(ExitStatus {
+                code: Some(code),
+                signal: None,
+            }),
+            (None, None) => None,
+        };
+        let oom = read_oom_kills() > self.oom_before;
+        if self.port.dropped_logs > 0 {
+            eprintln!(
+                "aloft-init: {} log lines were dropped while the host was away",
+                self.port.dropped_logs
+            );
+        }
+        finish(&mut self.port, Some(&self.cfg), status, oom)
+    }
+}
+
+fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// Copies a line of app output to the console.
+fn echo(stream: Stream, line: &str) {
+    let _ = match stream {
+        Stream::Stdout => writeln!(std::io::stdout(), "{line}"),
+        Stream::Stderr => writeln!(std::io::stderr(), "{line}"),
+    };
+}
+
+/// Opens every input device (the ACPI power button is one of them).
+fn open_power_buttons() -> Vec<File> {
+    let Ok(entries) = std::fs::read_dir("/dev/input") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("event"))
+        .filter_map(|e| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(e.path())
+                .ok()
+        })
+        .collect()
 }

@@ -1,0 +1,353 @@
+//! One-shot machine set-up, in boot order: early mounts, modules, the switch to the
+//! root disk, late mounts, volumes, files, names, network.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aloft_types::guest::{GUEST_MODULES, RunConfig};
+
+use crate::netlink::{self, Netlink};
+use crate::sys;
+
+/// A step of the set-up that failed, with what it was working on.
+#[derive(Debug)]
+pub struct BootError(pub String);
+
+impl std::fmt::Display for BootError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BootError {
+    BootError(format!("{what}: {e}"))
+}
+
+fn mount_fs(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), BootError> {
+    fs::create_dir_all(target).map_err(|e| err(format_args!("creating {target}"), e))?;
+    sys::mount(src, Path::new(target), Some(fstype), flags, data)
+        .map_err(|e| err(format_args!("mounting {fstype} on {target}"), e))
+}
+
+/// /proc, /sys and /dev (devtmpfs) inside the initramfs.
+pub fn early_mounts() -> Result<(), BootError> {
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nodev, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nodev, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    )
+}
+
+/// Loads the guest modules in dependency order; missing files are skipped.
+pub fn load_modules(dir: &Path) {
+    for name in GUEST_MODULES {
+        let path = dir.join(format!("{name}.ko"));
+        if !path.exists() {
+            continue;
+        }
+        if let Err(e) = sys::finit_module(&path) {
+            eprintln!("aloft-init: loading {}: {e}", path.display());
+        }
+    }
+}
+
+/// Waits (bounded) for a device node or interface to show up.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> Result<T, BootError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(BootError(format!(
+                "{what} did not appear within {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn wait_for_block(dev: &str) -> Result<(), BootError> {
+    wait_for(dev, Duration::from_secs(10), || {
+        Path::new(dev).exists().then_some(())
+    })
+}
+
+/// Mounts the root disk on /newroot, moves the API filesystems into it and makes it /.
+pub fn switch_root(cfg: &RunConfig) -> Result<(), BootError> {
+    let dev = cfg.root_device.as_str();
+    wait_for_block(dev)?;
+    fs::create_dir_all("/newroot").map_err(|e| err("creating /newroot", e))?;
+    sys::mount(dev, Path::new("/newroot"), Some("ext4"), 0, None)
+        .map_err(|e| err(format_args!("mounting the root disk {dev} (ext4)"), e))?;
+    // Free the initramfs memory we no longer need (best effort).
+    if let Ok(entries) = fs::read_dir("/lib/modules") {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_file("/run.json");
+    let _ = fs::remove_file("/init");
+    for m in ["/dev", "/proc", "/sys"] {
+        let target = format!("/newroot{m}");
+        fs::create_dir_all(&target).map_err(|e| err(format_args!("creating {target}"), e))?;
+        sys::mount(m, Path::new(&target), None, libc::MS_MOVE, None)
+            .map_err(|e| err(format_args!("moving {m} to {target}"), e))?;
+    }
+    std::env::set_current_dir("/newroot").map_err(|e| err("chdir /newroot", e))?;
+    sys::mount(".", Path::new("/"), None, libc::MS_MOVE, None)
+        .map_err(|e| err("moving /newroot to /", e))?;
+    std::os::unix::fs::chroot(".").map_err(|e| err("chroot", e))?;
+    std::env::set_current_dir("/").map_err(|e| err("chdir /", e))
+}
+
+/// /dev/pts, /dev/shm, /run, /tmp and the /dev/fd links, inside the new root.
+pub fn late_mounts() -> Result<(), BootError> {
+    let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        flags,
+        Some("mode=0620,ptmxmode=0666"),
+    )?;
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        if fs::symlink_metadata(link).is_err() {
+            let _ = std::os::unix::fs::symlink(target, link);
+        }
+    }
+    Ok(())
+}
+
+pub fn mount_volumes(cfg: &RunConfig) -> Result<(), BootError> {
+    for v in &cfg.volumes {
+        wait_for_block(&v.device)?;
+        fs::create_dir_all(&v.path)
+            .map_err(|e| err(format_args!("volume {}: creating {}", v.name, v.path), e))?;
+        sys::mount(&v.device, Path::new(&v.path), Some(&v.fs), 0, None).map_err(|e| {
+            err(
+                format_args!(
+                    "volume {}: mounting {} ({}) on {}",
+                    v.name, v.device, v.fs, v.path
+                ),
+                e,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Unmounts volumes in reverse order; returns the failures.
+pub fn unmount_volumes(cfg: &RunConfig) -> Vec<String> {
+    let mut failed = Vec::new();
+    for v in cfg.volumes.iter().rev() {
+        if let Err(e) = sys::umount(Path::new(&v.path)) {
+            failed.push(format!("volume {}: unmounting {}: {e}", v.name, v.path));
+        }
+    }
+    failed
+}
+
+pub fn write_files(cfg: &RunConfig) -> Result<(), BootError> {
+    let files = cfg.files().map_err(|e| BootError(e.to_string()))?;
+    for (path, data, mode) in files {
+        let p = Path::new(&path);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| err(format_args!("file {path}: creating its directory"), e))?;
+        }
+        let _ = fs::remove_file(p);
+        fs::write(p, &data).map_err(|e| err(format_args!("file {path}"), e))?;
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .map_err(|e| err(format_args!("file {path}: chmod"), e))?;
+    }
+    Ok(())
+}
+
+/// The text of /etc/hosts.
+pub fn hosts_file(cfg: &RunConfig) -> String {
+    let name = cfg.hostname();
+    let mut s = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    let mut own = false;
+    for iface in &cfg.network.interfaces {
+        for a in &iface.addresses {
+            if let Some(c) = netlink::parse_cidr(a) {
+                let _ = writeln!(s, "{}\t{name}", c.addr);
+                own = true;
+            }
+        }
+    }
+    if !own {
+        let _ = writeln!(s, "127.0.1.1\t{name}");
+    }
+    for h in &cfg.network.extra_hosts {
+        let _ = writeln!(s, "{}\t{}", h.ip, h.names.join(" "));
+    }
+    s
+}
+
+/// The text of /etc/resolv.conf, if any name server is configured.
+pub fn resolv_conf(cfg: &RunConfig) -> Option<String> {
+    let dns = cfg.config.dns.as_ref();
+    let mut servers: Vec<&String> = cfg.network.dns_servers.iter().collect();
+    if let Some(d) = dns {
+        servers.extend(d.nameservers.iter());
+    }
+    if servers.is_empty() {
+        return None;
+    }
+    let mut s = String::new();
+    if let Some(d) = dns.filter(|d| !d.searches.is_empty()) {
+        let _ = writeln!(s, "search {}", d.searches.join(" "));
+    }
+    for srv in servers {
+        let _ = writeln!(s, "nameserver {srv}");
+    }
+    Some(s)
+}
+
+fn replace_file(path: &str, text: &str) -> Result<(), BootError> {
+    // An image's /etc/resolv.conf is often a symlink into /run (gone now).
+    let _ = fs::remove_file(path);
+    fs::write(path, text).map_err(|e| err(format_args!("writing {path}"), e))
+}
+
+pub fn names(cfg: &RunConfig) -> Result<(), BootError> {
+    let name = cfg.hostname();
+    sys::sethostname(name).map_err(|e| err(format_args!("sethostname {name:?}"), e))?;
+    fs::create_dir_all("/etc").map_err(|e| err("creating /etc", e))?;
+    replace_file("/etc/hostname", &format!("{name}\n"))?;
+    replace_file("/etc/hosts", &hosts_file(cfg))?;
+    if let Some(text) = resolv_conf(cfg) {
+        replace_file("/etc/resolv.conf", &text)?;
+    }
+    Ok(())
+}
+
+fn exists_ok(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        r => r,
+    }
+}
+
+pub fn network(cfg: &RunConfig) -> Result<(), BootError> {
+    let mut nl = Netlink::open().map_err(|e| err("opening rtnetlink", e))?;
+    if let Some(lo) = netlink::if_index("lo") {
+        nl.link_up(lo, None).map_err(|e| err("setting lo up", e))?;
+    }
+    for iface in &cfg.network.interfaces {
+        let name = iface.name.as_str();
+        let idx = wait_for(
+            &format!("network interface {name}"),
+            Duration::from_secs(5),
+            || netlink::if_index(name),
+        )?;
+        let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_dad"), "0");
+        nl.link_up(idx, iface.mtu)
+            .map_err(|e| err(format_args!("setting {name} up"), e))?;
+        for a in &iface.addresses {
+            let c = netlink::parse_cidr(a)
+                .ok_or_else(|| BootError(format!("{name}: bad address {a:?}")))?;
+            exists_ok(nl.add_address(idx, c))
+                .map_err(|e| err(format_args!("{name}: adding {a}"), e))?;
+        }
+        for gw in [&iface.gateway4, &iface.gateway6].into_iter().flatten() {
+            let ip: IpAddr = gw
+                .parse()
+                .map_err(|_| BootError(format!("{name}: bad gateway {gw:?}")))?;
+            exists_ok(nl.add_default_route(idx, ip))
+                .map_err(|e| err(format_args!("{name}: default route via {gw}"), e))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aloft_types::guest::{ExtraHost, InterfaceConfig};
+    use aloft_types::machine::DnsConfig;
+
+    #[test]
+    fn hosts_and_resolv() {
+        let mut cfg = RunConfig {
+            machine_id: "m1".into(),
+            ..Default::default()
+        };
+        assert!(hosts_file(&cfg).contains("127.0.1.1\tm1\n"));
+        assert_eq!(resolv_conf(&cfg), None);
+        cfg.network.interfaces.push(InterfaceConfig {
+            name: "eth0".into(),
+            addresses: vec!["172.19.0.2/24".into(), "fdaa::2/64".into()],
+            ..Default::default()
+        });
+        cfg.network.extra_hosts.push(ExtraHost {
+            ip: "172.19.0.3".into(),
+            names: vec!["other".into(), "other.internal".into()],
+        });
+        cfg.network.dns_servers.push("fdaa::3".into());
+        cfg.config.dns = Some(DnsConfig {
+            searches: vec!["internal".into()],
+            ..Default::default()
+        });
+        let hosts = hosts_file(&cfg);
+        assert!(hosts.contains("172.19.0.2\tm1\n"), "{hosts}");
+        assert!(hosts.contains("fdaa::2\tm1\n"), "{hosts}");
+        assert!(
+            hosts.contains("172.19.0.3\tother other.internal\n"),
+            "{hosts}"
+        );
+        assert!(!hosts.contains("127.0.1.1"), "{hosts}");
+        assert_eq!(
+            resolv_conf(&cfg).unwrap(),
+            "search internal\nnameserver fdaa::3\n"
+        );
+    }
+}
