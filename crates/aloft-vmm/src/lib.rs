@@ -5,6 +5,7 @@
 //! It owns one VM at a time and the host side of the guest channel. It must not keep
 //! machine state or policy (restarts, health, placement): that is the agent's.
 
+pub mod channel;
 pub mod initramfs;
 pub mod kernel;
 pub mod qemu;
