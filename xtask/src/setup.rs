@@ -143,16 +143,37 @@ fn apt_packages() -> Result<()> {
     step("apt-get update");
     run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
     // One at a time: a combined install has been seen to fail with "held broken
-    // packages" where single installs succeed (shared/notes/qemu-microvm.md).
-    for pkg in missing {
-        step(&format!("apt-get install {pkg}"));
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends", pkg])
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+    // packages" where single installs succeed (shared/notes/qemu-microvm.md). An
+    // install can also remove a package installed earlier (a backported qemu-utils is
+    // removed by bookworm's qemu-system-x86), so check the whole list again after each
+    // pass until nothing is missing.
+    let mut missing = missing;
+    for _pass in 0..3 {
+        for pkg in &missing {
+            step(&format!("apt-get install {pkg}"));
+            run_cmd(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-q", "--no-install-recommends", pkg])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+        missing = APT_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !installed(p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        println!(
+            "    removed by a later install, installing again: {}",
+            missing.join(" ")
+        );
     }
-    Ok(())
+    bail!(
+        "apt packages still missing after set-up: {}",
+        missing.join(" ")
+    )
 }
 
 fn musl_target() -> Result<()> {

@@ -59,7 +59,7 @@ pub struct Qmp {
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Qmp {
-    /// Connects, retrying until `deadline` passes (QEMU creates the socket while starting).
+    /// Connects, retrying for up to `wait` (QEMU creates the socket while starting).
     pub async fn connect(path: &Path, wait: Duration) -> Result<Arc<Qmp>, QmpError> {
         let started = tokio::time::Instant::now();
         let stream = loop {
@@ -82,9 +82,11 @@ impl Qmp {
             path: path.to_path_buf(),
             message,
         };
-        let greeting = lines
-            .next_line()
+        // QEMU serves one QMP client at a time: a second one is accepted by the kernel
+        // but never greeted.
+        let greeting = tokio::time::timeout(wait.max(Duration::from_secs(2)), lines.next_line())
             .await
+            .map_err(|_| protocol("no greeting (is another client connected?)".into()))?
             .map_err(|e| protocol(e.to_string()))?
             .ok_or_else(|| protocol("closed before the greeting".into()))?;
         if !greeting.contains("\"QMP\"") {
