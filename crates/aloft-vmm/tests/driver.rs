@@ -169,21 +169,17 @@ async fn refuses_bad_specs_clearly() {
 
     let mut small = spec(work.path(), &init, "small");
     small.memory_mb = 16;
-    let err = QemuVmm.prepare(&small).await.err().expect("must refuse");
+    let err = QemuVmm.prepare(&small).await.expect_err("must refuse");
     assert!(matches!(err, VmError::MemoryTooSmall { .. }), "{err}");
     assert!(err.to_string().contains("16 MB"), "{err}");
 
     let mut no_kernel = spec(work.path(), &init, "nokernel");
     no_kernel.kernel_dir = work.path().join("no-such-kernel");
-    let err = QemuVmm
-        .prepare(&no_kernel)
-        .await
-        .err()
-        .expect("must refuse");
+    let err = QemuVmm.prepare(&no_kernel).await.expect_err("must refuse");
     assert!(err.to_string().contains("no-such-kernel"), "{err}");
 
     let mut no_disk = spec(work.path(), &init, "nodisk");
     no_disk.root_base = work.path().join("missing.ext4");
-    let err = QemuVmm.prepare(&no_disk).await.err().expect("must refuse");
+    let err = QemuVmm.prepare(&no_disk).await.expect_err("must refuse");
     assert!(matches!(err, VmError::MissingDisk { .. }), "{err}");
 }
