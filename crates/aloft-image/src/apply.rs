@@ -268,6 +268,7 @@ impl LayerApplier {
                 let Some(parent) = parent else { continue };
                 if name_bytes == b".wh..wh..opq" {
                     opaque(&ctx, &parent, &created)?;
+                    self.resolved.clear();
                 } else if name_bytes.starts_with(b".wh..wh.") {
                     // aufs bookkeeping (.wh..wh.plnk etc.): nothing to do.
                 } else {
@@ -296,6 +297,7 @@ impl LayerApplier {
                         Err(_) => mkdir(&ctx, &dest)?,
                     }
                     self.set_meta_path(&ctx, &dest, &entry, true)?;
+                    set_xattrs(&mut entry, &dest);
                 }
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                     self.replace(&ctx, &dest)?;
@@ -308,6 +310,7 @@ impl LayerApplier {
                         .map_err(|e| ctx.io(e))?;
                     io::copy(&mut entry, &mut file).map_err(|e| ctx.io(e))?;
                     self.set_meta_file(&ctx, &file, &entry)?;
+                    set_xattrs(&mut entry, &dest);
                 }
                 EntryType::Symlink => {
                     let target = entry
@@ -569,6 +572,27 @@ impl EntryCtx<'_> {
             }
         }
         Ok(out)
+    }
+}
+
+/// Applies `SCHILY.xattr.*` PAX records (file capabilities, ACLs, …). Best effort:
+/// a file system or privilege that refuses one is logged, not fatal.
+fn set_xattrs(entry: &mut tar::Entry<impl Read>, path: &Path) {
+    let Ok(Some(exts)) = entry.pax_extensions() else {
+        return;
+    };
+    for ext in exts.flatten() {
+        let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
+            continue;
+        };
+        if let Err(e) = rustix::fs::lsetxattr(
+            path,
+            name,
+            ext.value_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            tracing::warn!(path = %path.display(), name, error = %e, "could not set xattr");
+        }
     }
 }
 

@@ -334,3 +334,24 @@ fn oci_layout_tar_with_corrupt_blob_names_the_digest() {
     assert!(err.contains(layer), "{err}");
     assert!(!s.blobs().has(layer, None));
 }
+
+#[test]
+fn pax_xattrs_reach_the_ext4_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("SCHILY.xattr.user.aloft", &b"hello"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "withattr", &b"hi"[..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    let layout = write_layout(&tmp.path().join("oci"), &[(layer, Compression::Gzip)], None);
+    let s = store(tmp.path());
+    let rec = aloft_image::import(&s, &layout.dir, &no_progress())
+        .unwrap()
+        .record;
+    let ea = debugfs(&rec.rootfs, "ea_list /withattr");
+    assert!(ea.contains("user.aloft") && ea.contains("hello"), "{ea}");
+}
