@@ -4,3 +4,10 @@
 //!
 //! It owns the machines on its host and is their source of truth. It must not make
 //! placement decisions for other hosts nor serve the public API itself.
+
+pub mod api;
+
+pub use api::{
+    AgentApi, AgentError, CreateMachine, CreateVolume, ExecOutput, LogLine, StopOptions,
+    UpdateMachine, WaitFor,
+};

@@ -420,6 +420,192 @@ pub const PLATFORM_VERSION_V2: &str = "v2";
 /// The process group flyctl uses for release-command machines.
 pub const RELEASE_COMMAND_GROUP: &str = "fly_app_release_command";
 
+/// A machine's lifecycle state, as Fly names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    Created,
+    Starting,
+    Started,
+    Stopping,
+    Stopped,
+    Suspending,
+    Suspended,
+    Replacing,
+    Destroying,
+    Destroyed,
+    Failed,
+}
+
+impl MachineState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Created => "created",
+            MachineState::Starting => "starting",
+            MachineState::Started => "started",
+            MachineState::Stopping => "stopping",
+            MachineState::Stopped => "stopped",
+            MachineState::Suspending => "suspending",
+            MachineState::Suspended => "suspended",
+            MachineState::Replacing => "replacing",
+            MachineState::Destroying => "destroying",
+            MachineState::Destroyed => "destroyed",
+            MachineState::Failed => "failed",
+        }
+    }
+
+    /// Parses a state name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => MachineState::Created,
+            "starting" => MachineState::Starting,
+            "started" => MachineState::Started,
+            "stopping" => MachineState::Stopping,
+            "stopped" => MachineState::Stopped,
+            "suspending" => MachineState::Suspending,
+            "suspended" => MachineState::Suspended,
+            "replacing" => MachineState::Replacing,
+            "destroying" => MachineState::Destroying,
+            "destroyed" => MachineState::Destroyed,
+            "failed" => MachineState::Failed,
+            _ => return None,
+        })
+    }
+
+    /// Not in the middle of a transition (`settled` in Fly's wait API).
+    pub fn is_settled(self) -> bool {
+        !matches!(
+            self,
+            MachineState::Starting
+                | MachineState::Stopping
+                | MachineState::Suspending
+                | MachineState::Replacing
+                | MachineState::Destroying
+        )
+    }
+}
+
+impl std::fmt::Display for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Fly's `Machine` object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    pub state: MachineState,
+    pub region: String,
+    /// The version: a new one on every update.
+    pub instance_id: String,
+    #[serde(default)]
+    pub private_ip: String,
+    pub config: MachineConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_ref: Option<ImageRef>,
+    /// RFC 3339.
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<MachineEvent>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckStatus>,
+    /// `ok`, `unknown` or `unreachable`.
+    #[serde(default = "host_ok")]
+    pub host_status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+}
+
+fn host_ok() -> String {
+    "ok".into()
+}
+
+/// Fly's `ImageRef`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageRef {
+    #[serde(default)]
+    pub registry: String,
+    #[serde(default)]
+    pub repository: String,
+    #[serde(default)]
+    pub tag: String,
+    #[serde(default)]
+    pub digest: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Fly's `MachineEvent`: `launch`, `start`, `stop`, `exit`, `restart`, `update`,
+/// `suspend`, `destroy` … with the source (`user`, `flyd`) and details in `request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineEvent {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: String,
+    pub source: String,
+    /// Unix milliseconds.
+    pub timestamp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<serde_json::Value>,
+}
+
+/// Fly's `CheckStatus`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckStatus {
+    pub name: String,
+    /// `passing`, `warning` or `critical`.
+    pub status: String,
+    #[serde(default)]
+    pub output: String,
+    pub updated_at: String,
+}
+
+/// Fly's `Lease`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub nonce: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub owner: String,
+    pub description: String,
+    pub version: String,
+}
+
+/// Fly's `Volume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    pub size_gb: i64,
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub encrypted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_machine_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attached_alloc_id: Option<String>,
+    pub created_at: String,
+    #[serde(default = "host_ok")]
+    pub host_status: String,
+    #[serde(default = "ext4")]
+    pub fstype: String,
+    #[serde(default)]
+    pub snapshot_retention: i64,
+    #[serde(default)]
+    pub auto_backup_enabled: bool,
+}
+
+fn ext4() -> String {
+    "ext4".into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
