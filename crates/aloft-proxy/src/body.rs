@@ -2,17 +2,15 @@
 //!
 //! [`ReqBody`] is what goes upstream: empty, buffered (can be replayed on another
 //! machine) or streamed. [`RespBody`] is what goes back to the client: a short body
-//! written by the proxy, or the upstream body, which returns its connection to the
-//! pool and releases its machine's in-flight slot when it ends.
+//! written by the proxy, or the machine's body ([`UpstreamBody`]).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
 
-use crate::balance::Lease;
+pub use crate::upstream::{UpstreamBody, UpstreamBodyError};
 
 /// A request body on its way upstream.
 #[derive(Debug)]
@@ -73,79 +71,6 @@ impl Body for ReqBody {
     }
 }
 
-/// What the upstream connection and its machine slot go back to when a body ends.
-pub(crate) struct Checkin {
-    pub(crate) sender: SendRequest<ReqBody>,
-    pub(crate) lease: Lease,
-}
-
-impl Checkin {
-    fn finish(self) {
-        self.lease.backend().pool.put(self.sender);
-        drop(self.lease);
-    }
-}
-
-/// An upstream response body; ending it checks the connection back in.
-pub struct UpstreamBody {
-    inner: Incoming,
-    checkin: Option<Checkin>,
-}
-
-impl UpstreamBody {
-    pub(crate) fn new(inner: Incoming, checkin: Checkin) -> Self {
-        if inner.is_end_stream() {
-            checkin.finish();
-            return UpstreamBody {
-                inner,
-                checkin: None,
-            };
-        }
-        UpstreamBody {
-            inner,
-            checkin: Some(checkin),
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let res = Pin::new(&mut this.inner).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => {
-                if let Some(c) = this.checkin.take() {
-                    c.finish();
-                }
-            }
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
-                if let Some(c) = this.checkin.take() {
-                    c.finish();
-                }
-            }
-            // An error: the connection is not reusable; dropping the checkin closes it
-            // and frees the machine's slot.
-            Poll::Ready(Some(Err(_))) => this.checkin = None,
-            _ => {}
-        }
-        res
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// A response body going to the client.
 pub enum RespBody {
     /// Written by the proxy itself (errors, redirects).
@@ -161,12 +86,12 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         match self.get_mut() {
             RespBody::Full(d) => Poll::Ready(d.take().map(|d| Ok(Frame::data(d)))),
             RespBody::Upstream(u) => Pin::new(u).poll_frame(cx),

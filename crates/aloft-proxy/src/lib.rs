@@ -13,14 +13,14 @@
 mod balance;
 pub mod body;
 mod clock;
-mod pool;
 pub mod routes;
 mod scan;
 pub mod server;
 pub mod static_routes;
+mod upstream;
 
 pub use balance::Lease;
-pub use pool::ConnectError;
 pub use routes::{RouteTable, RouteTableError, Routes, RoutesSpec};
 pub use server::{Listener, ProxyConfig, ServeReport, serve};
 pub use static_routes::{RoutesFileError, load_routes_file, read_routes_file};
+pub use upstream::{ConnectError, UpstreamError};

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 
-use crate::pool::Pool;
+use crate::upstream::Pool;
 
 /// Fly's default concurrency limits when a service gives none.
 const DEFAULT_SOFT_LIMIT: u32 = 20;

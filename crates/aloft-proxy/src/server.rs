@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
@@ -33,12 +33,16 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::balance::{self, Capacity, Choice, Constraints, Lease};
-use crate::body::{Checkin, ReqBody, RespBody, UpstreamBody};
+use crate::body::{ReqBody, RespBody};
 use crate::routes::{AppRoute, Routes, ServiceRoute};
 use crate::scan::ScanStream;
+use crate::upstream::{self, Head, Sent, UpstreamBody, UpstreamError};
 
 /// Per-connection read buffer bound (bounded memory per connection).
 const READ_BUF_MAX: usize = 128 * 1024;
+
+/// hyper's own limit on header fields when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
 
 /// Bodies up to this size are read whole before a machine is chosen.
 const BUFFER_LIMIT: usize = 64 * 1024;
@@ -204,12 +208,16 @@ pub async fn serve(
                     port_hv: port_hv.clone(),
                 });
                 let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
-                let conn = http1::Builder::new()
+                let mut builder = http1::Builder::new();
+                if shared.cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+                    // hyper's default count uses an inline array; others allocate.
+                    builder.max_headers(shared.cfg.max_headers);
+                }
+                let conn = builder
                     .timer(TokioTimer::new())
                     .header_read_timeout(shared.cfg.header_read_timeout)
                     .max_header_size(shared.cfg.max_header_bytes)
                     .max_buf_size(READ_BUF_MAX.max(shared.cfg.max_header_bytes + 8192))
-                    .max_headers(shared.cfg.max_headers)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), svc);
                 let conn = graceful.watch(conn);
@@ -354,12 +362,11 @@ async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBo
     };
 
     // dispatch.
-    let req = Request::from_parts(parts, body);
     let constraints = RequestConstraints {
         prefer_region: prefer_region.as_deref(),
         force_instance: force_instance.as_deref(),
     };
-    let mut resp = dispatch(req, app, svc, &constraints, &ctx.shared).await;
+    let mut resp = dispatch(&parts, body, app, svc, &constraints, &ctx.shared).await;
     let h = resp.headers_mut();
     h.insert(FLY_REQUEST_ID.clone(), request_id);
     h.append(header::VIA, ctx.shared.via.clone());
@@ -440,15 +447,33 @@ fn redirect_https(host: &str, uri: &Uri) -> Response<RespBody> {
 }
 
 fn new_request_id(region_suffix: &str) -> HeaderValue {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(20 + region_suffix.len());
-    let _ = write!(s, "{:016x}", rand::random::<u64>());
-    s.push_str(region_suffix);
-    header_value_of(&s)
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = BytesMut::with_capacity(16 + region_suffix.len());
+    let r = rand::random::<u64>();
+    for i in (0..16).rev() {
+        id.extend_from_slice(&[HEX[((r >> (i * 4)) & 0xf) as usize]]);
+    }
+    id.extend_from_slice(region_suffix.as_bytes());
+    HeaderValue::from_maybe_shared(id.freeze())
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n == KEEP_ALIVE
+        || n == PROXY_CONNECTION
 }
 
 /// Remove hop-by-hop headers, including those the Connection header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Usually there are none: one pass over the names is cheaper than the removals.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     if let Some(conn) = h.remove(header::CONNECTION) {
         // Names listed in Connection are hop-by-hop too.
         let extra: Vec<HeaderName> = h
@@ -539,48 +564,9 @@ struct RequestConstraints<'a> {
     force_instance: Option<&'a str>,
 }
 
-/// What may be sent again if the first machine fails after the request was written.
-struct Spare {
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Option<Bytes>,
-}
-
-impl Spare {
-    fn of(req: &Request<ReqBody>) -> Option<Spare> {
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        );
-        let body = match req.body() {
-            ReqBody::Empty => None,
-            ReqBody::Full(d) => d.clone(),
-            ReqBody::Stream { .. } => return None,
-        };
-        idempotent.then(|| Spare {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: req.headers().clone(),
-            body,
-        })
-    }
-
-    fn to_request(&self) -> Request<ReqBody> {
-        let body = match &self.body {
-            None => ReqBody::Empty,
-            Some(b) => ReqBody::Full(Some(b.clone())),
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
-
 async fn dispatch(
-    req: Request<ReqBody>,
+    parts: &http::request::Parts,
+    mut body: ReqBody,
     app: &AppRoute,
     svc: &ServiceRoute,
     rc: &RequestConstraints<'_>,
@@ -610,8 +596,15 @@ async fn dispatch(
             Some(_) => {}
         }
     }
-    let spare = Spare::of(&req);
-    let mut pending = Some(req);
+    let head = Head {
+        method: &parts.method,
+        target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+        headers: &parts.headers,
+    };
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    );
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = String::new();
     let mut attempts = 0;
@@ -628,37 +621,57 @@ async fn dispatch(
             Err(resp) => return resp,
         };
         let backend = Arc::clone(lease.backend());
-        let (mut sender, _reused) = match backend
+        let failing_ms = cfg.failing_for.as_millis() as u64;
+        let mut conn = match backend
             .pool
             .checkout(backend.addr, cfg.connect_timeout)
             .await
         {
-            Ok(s) => s,
+            Ok(c) => c,
             Err(e) => {
                 tracing::info!(machine = %backend.machine_id, error = %e, "connect failed; trying another machine");
-                balance::mark_failing(&backend, cfg.failing_for.as_millis() as u64);
+                balance::mark_failing(&backend, failing_ms);
                 last_error = e.to_string();
                 tried.push(Arc::as_ptr(&backend) as usize);
                 continue;
             }
         };
-        let Some(req) = pending
-            .take()
-            .or_else(|| spare.as_ref().map(Spare::to_request))
-        else {
-            break;
+        let reused = conn.reused;
+        let mut sent = Sent { body_pulled: false };
+        let exchange = async {
+            upstream::write_request(&mut conn, &head, &mut body, &mut sent)
+                .await
+                .map_err(|e| (e, false))?;
+            upstream::read_response(conn, &parts.method).await
         };
-        let sent = tokio::time::timeout(cfg.response_timeout, sender.try_send_request(req)).await;
-        match sent {
-            Ok(Ok(resp)) => return forward_response(resp, sender, lease),
-            Ok(Err(mut e)) => {
-                last_error = format!("machine {}: {}", backend.machine_id, e.error());
-                tracing::info!(machine = %backend.machine_id, error = %e.error(), "upstream request failed");
-                // The request comes back when it never left: safe to send elsewhere.
-                match e.take_message() {
-                    Some(req) => pending = Some(req),
-                    None if spare.is_some() => {}
-                    None => break,
+        match tokio::time::timeout(cfg.response_timeout, exchange).await {
+            Ok(Ok((rhead, conn, plan))) => {
+                let mut resp =
+                    Response::new(RespBody::Upstream(UpstreamBody::new(conn, plan, lease)));
+                *resp.status_mut() = rhead.status;
+                *resp.headers_mut() = rhead.headers;
+                strip_hop_by_hop(resp.headers_mut());
+                return resp;
+            }
+            Ok(Err((UpstreamError::ClientBody(e), _))) => {
+                return reply_close(
+                    StatusCode::BAD_REQUEST,
+                    format!("malformed request body: {e}"),
+                );
+            }
+            Ok(Err((e, got_response))) => {
+                tracing::info!(machine = %backend.machine_id, error = %e, reused, "upstream exchange failed");
+                last_error = format!("machine {}: {e}", backend.machine_id);
+                if !reused {
+                    // A fresh connection that fails is a machine refusing work.
+                    balance::mark_failing(&backend, failing_ms);
+                }
+                let may_retry = !got_response
+                    && e.before_response()
+                    && !sent.body_pulled
+                    && (idempotent || reused);
+                if !may_retry {
+                    break;
                 }
                 tried.push(Arc::as_ptr(&backend) as usize);
             }
@@ -745,19 +758,6 @@ async fn admit(
             ));
         }
     }
-}
-
-fn forward_response(
-    resp: Response<Incoming>,
-    sender: hyper::client::conn::http1::SendRequest<ReqBody>,
-    lease: Lease,
-) -> Response<RespBody> {
-    let (mut parts, body) = resp.into_parts();
-    // hyper writes the version and framing for the client's connection.
-    parts.version = Version::HTTP_11;
-    strip_hop_by_hop(&mut parts.headers);
-    let body = UpstreamBody::new(body, Checkin { sender, lease });
-    Response::from_parts(parts, RespBody::Upstream(body))
 }
 
 #[cfg(test)]

@@ -388,3 +388,36 @@ async fn shutdown_drains_in_flight_requests() {
     let report = tokio::time::timeout(DEADLINE, done).await.unwrap().unwrap();
     assert_eq!(report.cut_at_drain, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_framings_are_relayed() {
+    let chunked = raw_backend(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Machine: c\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        false,
+    )
+    .await;
+    let eof = raw_backend(b"HTTP/1.0 200 OK\r\nX-Machine: e\r\n\r\nuntil close", true).await;
+    let empty = raw_backend(b"HTTP/1.1 204 No Content\r\nX-Machine: n\r\n\r\n", false).await;
+    for (addr, want) in [(chunked, "hello world"), (eof, "until close"), (empty, "")] {
+        let proxy = TestProxy::start(spec(10, 20, &[("m", "local", addr)]), |_| {}).await;
+        let mut cl = Client::connect(proxy.addr).await;
+        for _ in 0..3 {
+            let g = cl.get("/", &[]).await;
+            assert!(g.status.is_success(), "{g:?}");
+            assert_eq!(g.body, want);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_response_gives_502() {
+    let bad = raw_backend(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        false,
+    )
+    .await;
+    let proxy = TestProxy::start(spec(10, 20, &[("m", "local", bad)]), |_| {}).await;
+    let g = Client::connect(proxy.addr).await.get("/", &[]).await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+    assert!(g.body.contains("Content-Length"), "{}", g.body);
+}

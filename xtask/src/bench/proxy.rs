@@ -1,7 +1,450 @@
-//! `cargo xtask bench proxy`.
+//! `cargo xtask bench proxy`: aloft's edge proxy against nginx and HAProxy, all in one
+//! run, in front of the same keep-alive backend (nginx `return 200`).
+//!
+//! Throughput: `wrk -t1 -c50 -d5s`, three interleaved rounds per target, median
+//! kept. Latency: p50/p99 from our own open-loop client (`aloft-proxy`'s
+//! `fixed_rate` example, release build) at a fixed rate of half of nginx's maximum, measured from each request's scheduled send time (so a stall
+//! counts against the proxy, not hidden by it). With two or more CPUs the load
+//! generator runs on CPU 0 and the backend and proxy under test share CPU 1, so the
+//! proxy's cost per request decides the result. Every proxy adds the same forwarding
+//! headers (X-Forwarded-For/Proto/Port, a request id). All processes are killed at
+//! the end, on error too.
 
-use anyhow::{Result, bail};
+use std::fmt::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{cargo, have, output, step, workspace_root};
+
+const ROUNDS: usize = 3;
+const CONNECTIONS: usize = 50;
+const WRK_SECS: u64 = 5;
+const RATE_SECS: u64 = 4;
+
+/// Child processes killed (and reaped) when dropped.
+#[derive(Default)]
+struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path) -> Result<()> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("could not start {name}: {cmd:?}"))?;
+        self.0.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Fail with the log of any child that already exited.
+    fn check(&mut self, dir: &Path) -> Result<()> {
+        for (name, child) in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                let log =
+                    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+                bail!("{name} exited early ({status}):\n{log}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    port: u16,
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    rps: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, procs: &mut Procs, dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        procs.check(dir)?;
+        if Instant::now() > deadline {
+            bail!(
+                "nothing listens on 127.0.0.1:{port} after 10 s (see logs in {})",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `taskset -c CPU cmd…` when pinning, else `cmd…`.
+fn pinned(cpu: Option<usize>, program: &Path, args: &[&str]) -> Command {
+    match cpu {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c.to_string()).arg(program).args(args);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(program);
+            cmd.args(args);
+            cmd
+        }
+    }
+}
+
+fn nginx_common(dir: &Path, name: &str) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/{name}-error.log warn;\n\
+         pid {d}/{name}.pid;\nevents {{ worker_connections 8192; }}\n"
+    )
+}
+
+fn nginx_http_common(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        "access_log off;\nkeepalive_requests 10000000;\nkeepalive_timeout 60s;\n\
+         client_body_temp_path {d}/t-body;\nproxy_temp_path {d}/t-proxy;\nfastcgi_temp_path {d}/t-fcgi;\n\
+         uwsgi_temp_path {d}/t-uwsgi;\nscgi_temp_path {d}/t-scgi;\n"
+    )
+}
+
+fn start_nginx(
+    procs: &mut Procs,
+    dir: &Path,
+    name: &str,
+    conf: &str,
+    cpu: Option<usize>,
+) -> Result<()> {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(&path, conf)?;
+    let p = path.display().to_string();
+    let prefix = format!("{}/", dir.display());
+    let cmd = pinned(
+        cpu,
+        Path::new("nginx"),
+        &[
+            "-p",
+            &prefix,
+            "-e",
+            &format!("{prefix}{name}-error.log"),
+            "-c",
+            &p,
+        ],
+    );
+    procs.spawn(name, cmd, &dir.join(format!("{name}.log")))
+}
+
+/// Requests/s from one wrk run; fails on socket errors or non-2xx answers.
+fn wrk(port: u16, cpu: Option<usize>) -> Result<f64> {
+    let url = format!("http://127.0.0.1:{port}/");
+    let secs = format!("{WRK_SECS}s");
+    let conns = CONNECTIONS.to_string();
+    let out = output(&mut pinned(
+        cpu,
+        Path::new("wrk"),
+        &["-t1", "-c", &conns, "-d", &secs, "--latency", &url],
+    ))?;
+    if out.contains("Non-2xx") || out.contains("Socket errors") {
+        bail!("wrk against {url} saw errors:\n{out}");
+    }
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))
+}
+
+/// p50/p99 (ms) from the release-built open-loop client (`aloft-proxy`'s
+/// `fixed_rate` example) at `rate` requests/s; fails unless it kept up with the rate.
+fn fixed_rate(
+    client: &Path,
+    port: u16,
+    rate: f64,
+    secs: u64,
+    cpu: Option<usize>,
+) -> Result<(f64, f64)> {
+    let addr = format!("127.0.0.1:{port}");
+    let out = output(&mut pinned(
+        cpu,
+        client,
+        &[
+            &addr,
+            &format!("{rate}"),
+            &secs.to_string(),
+            &CONNECTIONS.to_string(),
+        ],
+    ))?;
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("fixed_rate printed {out:?}"))?;
+    let get = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("fixed_rate output lacks {k}: {out}"))
+    };
+    let achieved = get("achieved_rps")?;
+    if achieved < rate * 0.9 {
+        bail!("fixed-rate client reached only {achieved:.0} of {rate:.0} req/s on {addr}");
+    }
+    Ok((get("p50_ms")?, get("p99_ms")?))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        f64::NAN
+    } else {
+        s[s.len() / 2]
+    }
+}
 
 pub fn run() -> Result<()> {
-    bail!("bench proxy is not implemented yet")
+    for bin in ["wrk", "nginx", "haproxy"] {
+        if !have(bin) {
+            bail!("`{bin}` is not installed: run `cargo xtask setup` first");
+        }
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = cpus >= 2 && have("taskset");
+    let (load_cpu, server_cpu) = if pin {
+        (Some(0), Some(1))
+    } else {
+        (None, None)
+    };
+
+    step("building aloft (release)");
+    cargo(&["build", "--release", "-q", "-p", "aloft"], &[])?;
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "aloft-proxy",
+            "--example",
+            "fixed_rate",
+        ],
+        &[],
+    )?;
+    let release = workspace_root().join("target/release");
+    let aloft = release.join("aloft");
+    let client = release.join("examples/fixed_rate");
+
+    let tmp = tempfile::Builder::new()
+        .prefix("aloft-bench-proxy")
+        .tempdir()?;
+    let dir = tmp.path().to_path_buf();
+    let mut procs = Procs::default();
+    let result = bench(&mut procs, &dir, &aloft, &client, load_cpu, server_cpu);
+    drop(procs);
+    result
+}
+
+fn bench(
+    procs: &mut Procs,
+    dir: &Path,
+    aloft: &Path,
+    client: &Path,
+    load_cpu: Option<usize>,
+    server_cpu: Option<usize>,
+) -> Result<()> {
+    let backend = free_port()?;
+    let nginx_port = free_port()?;
+    let haproxy_port = free_port()?;
+    let aloft_port = free_port()?;
+
+    step(&format!(
+        "starting backend and proxies (load on CPU {}, servers on CPU {})",
+        load_cpu.map_or("any".into(), |c| c.to_string()),
+        server_cpu.map_or("any".into(), |c| c.to_string())
+    ));
+    let backend_conf = format!(
+        "{}http {{\n{}server {{ listen 127.0.0.1:{backend}; location / {{ return 200 \"hello\\n\"; }} }}\n}}\n",
+        nginx_common(dir, "backend"),
+        nginx_http_common(dir)
+    );
+    start_nginx(procs, dir, "backend", &backend_conf, server_cpu)?;
+
+    let nginx_conf = format!(
+        "{}http {{\n{}upstream app {{ server 127.0.0.1:{backend}; keepalive 128; keepalive_requests 10000000; }}\n\
+         server {{ listen 127.0.0.1:{nginx_port};\n location / {{ proxy_pass http://app; proxy_http_version 1.1;\n\
+         proxy_set_header Connection \"\"; proxy_set_header Host $host;\n\
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme;\n\
+         proxy_set_header X-Forwarded-Port $server_port; proxy_set_header X-Request-Id $request_id; }} }}\n}}\n",
+        nginx_common(dir, "nginx"),
+        nginx_http_common(dir)
+    );
+    start_nginx(procs, dir, "nginx", &nginx_conf, server_cpu)?;
+
+    let haproxy_conf = format!(
+        "global\n  nbthread 1\n  maxconn 20000\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         option http-keep-alive\n  http-reuse always\n\
+         frontend fe\n  bind 127.0.0.1:{haproxy_port}\n  option forwardfor\n\
+         http-request set-header X-Forwarded-Proto http\n  http-request set-header X-Forwarded-Port %[dst_port]\n\
+         unique-id-format %{{+X}}o%ci%cp%fi%fp%Ts%rt\n  http-request set-header X-Request-Id %[unique-id]\n\
+         default_backend be\n\
+         backend be\n  server app 127.0.0.1:{backend} maxconn 1000\n"
+    );
+    let hconf = dir.join("haproxy.cfg");
+    std::fs::write(&hconf, haproxy_conf)?;
+    procs.spawn(
+        "haproxy",
+        pinned(
+            server_cpu,
+            Path::new("haproxy"),
+            &["-db", "-f", &hconf.display().to_string()],
+        ),
+        &dir.join("haproxy.log"),
+    )?;
+
+    let routes = format!(
+        "[[apps]]\nname = \"bench\"\nhostnames = [\"*\"]\n[[apps.services]]\ninternal_port = {backend}\n\
+         ports = [{{ port = {aloft_port}, handlers = [\"http\"] }}]\n\
+         concurrency = {{ type = \"requests\", soft_limit = 1000, hard_limit = 2000 }}\n\
+         [[apps.machines]]\nid = \"m1\"\nregion = \"bench\"\naddress = \"127.0.0.1\"\nstate = \"started\"\n"
+    );
+    let rfile = dir.join("routes.toml");
+    std::fs::write(&rfile, routes)?;
+    let listen = format!("127.0.0.1:{aloft_port}");
+    let rpath = rfile.display().to_string();
+    let mut cmd = pinned(
+        server_cpu,
+        aloft,
+        &[
+            "proxy",
+            "--listen",
+            &listen,
+            "--routes",
+            &rpath,
+            "--threads",
+            "1",
+            "--region",
+            "bench",
+        ],
+    );
+    cmd.env("ALOFT_LOG", "error");
+    procs.spawn("aloft", cmd, &dir.join("aloft.log"))?;
+
+    for port in [backend, nginx_port, haproxy_port, aloft_port] {
+        wait_port(port, procs, dir)?;
+    }
+
+    let targets = [
+        Target {
+            name: "direct",
+            port: backend,
+        },
+        Target {
+            name: "nginx",
+            port: nginx_port,
+        },
+        Target {
+            name: "haproxy",
+            port: haproxy_port,
+        },
+        Target {
+            name: "aloft",
+            port: aloft_port,
+        },
+    ];
+    let mut figs = vec![Figures::default(); targets.len()];
+
+    // Warm-up: fill every pool.
+    for t in &targets {
+        fixed_rate(client, t.port, 2000.0, 1, load_cpu)
+            .with_context(|| format!("warm-up of {}", t.name))?;
+    }
+
+    for round in 1..=ROUNDS {
+        step(&format!(
+            "throughput round {round}/{ROUNDS}: wrk -t1 -c{CONNECTIONS} -d{WRK_SECS}s"
+        ));
+        for (t, f) in targets.iter().zip(&mut figs) {
+            let rps = wrk(t.port, load_cpu).with_context(|| format!("wrk against {}", t.name))?;
+            println!("    {:<8} {:>10.0} req/s", t.name, rps);
+            f.rps.push(rps);
+            procs.check(dir)?;
+        }
+    }
+    let nginx_rps = median(&figs[1].rps);
+    let rate = (nginx_rps / 2.0).max(100.0);
+
+    for round in 1..=ROUNDS {
+        step(&format!(
+            "latency round {round}/{ROUNDS}: {rate:.0} req/s (half of nginx's max) for {RATE_SECS}s"
+        ));
+        for (t, f) in targets.iter().zip(&mut figs) {
+            let (p50, p99) = fixed_rate(client, t.port, rate, RATE_SECS, load_cpu)
+                .with_context(|| format!("fixed-rate load on {}", t.name))?;
+            println!("    {:<8} p50 {:>7.3} ms  p99 {:>7.3} ms", t.name, p50, p99);
+            f.p50_ms.push(p50);
+            f.p99_ms.push(p99);
+            procs.check(dir)?;
+        }
+    }
+
+    let nginx_p99 = median(&figs[1].p99_ms);
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "\n{:<8} {:>10} {:>9} {:>9} {:>9} {:>13}",
+        "target", "req/s", "vs nginx", "p50 ms", "p99 ms", "p99 vs nginx"
+    );
+    let mut json = Vec::new();
+    for (t, f) in targets.iter().zip(&figs) {
+        let rps = median(&f.rps);
+        let (p50, p99) = (median(&f.p50_ms), median(&f.p99_ms));
+        let ratio = rps / nginx_rps;
+        let _ = writeln!(
+            table,
+            "{:<8} {:>10.0} {:>8.2}x {:>9.3} {:>9.3} {:>12.2}x",
+            t.name,
+            rps,
+            ratio,
+            p50,
+            p99,
+            p99 / nginx_p99
+        );
+        json.push(serde_json::json!({
+            "bench": "proxy",
+            "target": t.name,
+            "rps": (rps * 10.0).round() / 10.0,
+            "p50_ms": (p50 * 1000.0).round() / 1000.0,
+            "p99_ms": (p99 * 1000.0).round() / 1000.0,
+            "ratio_vs_nginx": (ratio * 1000.0).round() / 1000.0,
+            "fixed_rate_rps": rate.round(),
+        }));
+    }
+    println!("{table}");
+    println!(
+        "(median of {ROUNDS} interleaved rounds; latency at a fixed {rate:.0} req/s over {CONNECTIONS} connections)"
+    );
+    for j in json {
+        println!("{j}");
+    }
+    Ok(())
 }
