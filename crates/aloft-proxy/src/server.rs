@@ -64,7 +64,8 @@ pub struct ProxyConfig {
     /// Time allowed to receive a request's headers, which is also how long an idle
     /// keep-alive connection is kept.
     pub header_read_timeout: Duration,
-    /// Time allowed to receive the first [`BUFFER_LIMIT`] bytes of a request body.
+    /// Time allowed to receive the first [`BUFFER_LIMIT`] bytes of a request body, and
+    /// then between two pieces of a longer one.
     pub body_read_timeout: Duration,
     /// Largest request head (request line + headers) in bytes; larger gets 431.
     pub max_header_bytes: usize,
@@ -638,14 +639,35 @@ async fn dispatch(
         };
         let reused = conn.reused;
         let mut sent = Sent { body_pulled: false };
+        let addr = backend.addr;
         let exchange = async {
-            upstream::write_request(&mut conn, &head, &mut body, &mut sent)
-                .await
-                .map_err(|e| (e, false))?;
-            upstream::read_response(conn, &parts.method).await
+            upstream::write_request(
+                &mut conn,
+                &head,
+                &mut body,
+                &mut sent,
+                cfg.body_read_timeout,
+            )
+            .await
+            .map_err(|e| (e, false))?;
+            match tokio::time::timeout(
+                cfg.response_timeout,
+                upstream::read_response(conn, &parts.method),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err((
+                    UpstreamError::ResponseTimeout {
+                        addr,
+                        after: cfg.response_timeout,
+                    },
+                    true,
+                )),
+            }
         };
-        match tokio::time::timeout(cfg.response_timeout, exchange).await {
-            Ok(Ok((rhead, conn, plan))) => {
+        match exchange.await {
+            Ok((rhead, conn, plan)) => {
                 let mut resp =
                     Response::new(RespBody::Upstream(UpstreamBody::new(conn, plan, lease)));
                 *resp.status_mut() = rhead.status;
@@ -653,13 +675,25 @@ async fn dispatch(
                 strip_hop_by_hop(resp.headers_mut());
                 return resp;
             }
-            Ok(Err((UpstreamError::ClientBody(e), _))) => {
+            Err((e @ UpstreamError::ResponseTimeout { .. }, _)) => {
+                return reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("machine {} of app {}: {e}", backend.machine_id, app.name),
+                );
+            }
+            Err((UpstreamError::ClientBodyStalled(t), _)) => {
+                return reply_close(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("request body stalled for {t:?}"),
+                );
+            }
+            Err((UpstreamError::ClientBody(e), _)) => {
                 return reply_close(
                     StatusCode::BAD_REQUEST,
                     format!("malformed request body: {e}"),
                 );
             }
-            Ok(Err((e, got_response))) => {
+            Err((e, got_response)) => {
                 tracing::info!(machine = %backend.machine_id, error = %e, reused, "upstream exchange failed");
                 last_error = format!("machine {}: {e}", backend.machine_id);
                 if !reused {
@@ -674,15 +708,6 @@ async fn dispatch(
                     break;
                 }
                 tried.push(Arc::as_ptr(&backend) as usize);
-            }
-            Err(_) => {
-                return reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "machine {} of app {} sent no response within {:?}",
-                        backend.machine_id, app.name, cfg.response_timeout
-                    ),
-                );
             }
         }
     }

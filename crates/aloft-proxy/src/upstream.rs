@@ -53,8 +53,12 @@ pub enum UpstreamError {
     Write { addr: SocketAddr, source: io::Error },
     #[error("reading the request body from the client: {0}")]
     ClientBody(hyper::Error),
+    #[error("the client sent no request body data for {0:?}")]
+    ClientBodyStalled(Duration),
     #[error("reading the response from {addr}: {source}")]
     Read { addr: SocketAddr, source: io::Error },
+    #[error("{addr} sent no response head within {after:?}")]
+    ResponseTimeout { addr: SocketAddr, after: Duration },
     #[error("{addr} closed the connection before responding")]
     ClosedEarly { addr: SocketAddr },
     #[error("{addr} sent a malformed response: {why}")]
@@ -205,6 +209,7 @@ pub(crate) async fn write_request(
     head: &Head<'_>,
     body: &mut ReqBody,
     sent: &mut Sent,
+    body_stall: Duration,
 ) -> Result<(), UpstreamError> {
     let addr = conn.addr;
     let w = &mut conn.wbuf;
@@ -253,7 +258,10 @@ pub(crate) async fn write_request(
             conn.stream.write_all(&conn.wbuf).await.map_err(write_err)?;
             loop {
                 sent.body_pulled = true;
-                let frame = std::future::poll_fn(|cx| Pin::new(&mut *rest).poll_frame(cx)).await;
+                let next = std::future::poll_fn(|cx| Pin::new(&mut *rest).poll_frame(cx));
+                let frame = tokio::time::timeout(body_stall, next)
+                    .await
+                    .map_err(|_| UpstreamError::ClientBodyStalled(body_stall))?;
                 match frame {
                     None => break,
                     Some(Err(e)) => return Err(UpstreamError::ClientBody(e)),

@@ -421,3 +421,17 @@ async fn malformed_response_gives_502() {
     assert_eq!(g.status, StatusCode::BAD_GATEWAY);
     assert!(g.body.contains("Content-Length"), "{}", g.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_machine_gives_504() {
+    let a = TestBackend::start("a").await;
+    a.close_gate();
+    let proxy = TestProxy::start(spec(10, 20, &[("a", "local", a.addr)]), |c| {
+        c.response_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let g = Client::connect(proxy.addr).await.get("/", &[]).await;
+    assert_eq!(g.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(g.body.contains("no response"), "{}", g.body);
+    a.open();
+}

@@ -300,7 +300,7 @@ fn bench(
     start_nginx(procs, dir, "nginx", &nginx_conf, server_cpu)?;
 
     let haproxy_conf = format!(
-        "global\n  nbthread 1\n  maxconn 20000\n\
+        "global\n  nbthread 1\n  maxconn 4000\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
          option http-keep-alive\n  http-reuse always\n\
          frontend fe\n  bind 127.0.0.1:{haproxy_port}\n  option forwardfor\n\
