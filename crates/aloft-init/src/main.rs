@@ -516,7 +516,7 @@ impl Init {
 
     fn on_host(&mut self, msg: HostMessage) {
         match msg {
-            HostMessage::HelloAck { .. } => {}
+            HostMessage::Hello { .. } | HostMessage::HelloAck { .. } => {}
             HostMessage::Signal { signal } => {
                 if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none())
                     && let Err(e) = sys::kill(app.pid, signal)

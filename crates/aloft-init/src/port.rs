@@ -240,6 +240,11 @@ impl Port {
                 Ok(Some(HostMessage::HelloAck { .. })) => {
                     self.state = State::Ready;
                 }
+                // A host that (re)connected: handshake again.
+                Ok(Some(HostMessage::Hello { .. })) => {
+                    self.state = State::Greeting;
+                    self.last_hello = None;
+                }
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => break,
                 Err(e) => {

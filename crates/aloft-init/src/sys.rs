@@ -290,6 +290,16 @@ pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
 /// In a forked child before exec: new session, optional controlling tty on fd 0, and
 /// credentials. Only async-signal-safe calls.
 pub fn child_setup(ctty: bool, uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // PID 1 blocks the signals it reads through its signalfd; the child must not
+    // inherit that mask (nor std's ignored SIGPIPE).
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a sigset_t.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: valid set pointer, null old-set.
+    check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) })?;
+    // SAFETY: restoring the default disposition of a signal.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // SAFETY: setsid has no arguments.
     check(unsafe { libc::setsid() })?;
     if ctty {

@@ -19,8 +19,11 @@
 //!   the host answers [`HostMessage::HelloAck`]; only then does it send anything else
 //!   (logs produced meanwhile are kept in a bounded buffer, oldest dropped first). When
 //!   the host side disconnects (agent restart) the guest goes back to sending `Hello`.
-//!   A host that sees any frame other than `Hello` before its ack (the guest missed the
-//!   reconnect) answers `HelloAck` too.
+//!   Because a quick reconnect can go unnoticed by the guest (QEMU reports the close and
+//!   the new open back to back), the host also sends [`HostMessage::Hello`] on connect
+//!   (repeated until the handshake completes); the guest answers it by handshaking
+//!   again (its own `Hello`, then waiting for `HelloAck`). A host that sees any frame
+//!   other than `Hello` before its ack answers `HelloAck` too.
 //! * Files with `secret_name` and no `raw_value` take their (base64) content from the
 //!   secret of that name in [`RunConfig::extra_env`].
 //! * Binary payloads (exec stdin/output) are base64 (standard alphabet, padded) in JSON.
@@ -378,7 +381,9 @@ pub enum GuestMessage {
         ts_ms: u64,
         line: String,
     },
-    /// The app ended; the guest powers off next.
+    /// The app ended; the guest powers off next. `code` 127/126 without a signal also
+    /// means the command could not be started (an `Error` comes first); neither code nor
+    /// signal means set-up failed before the app could run.
     Exit {
         code: Option<i32>,
         signal: Option<i32>,
@@ -417,6 +422,11 @@ pub enum GuestMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum HostMessage {
+    /// The host's greeting on (re)connect; the guest answers with its own `Hello`.
+    Hello {
+        #[serde(default)]
+        protocol_version: u32,
+    },
     HelloAck {
         #[serde(default)]
         protocol_version: u32,
@@ -755,7 +765,10 @@ mod tests {
         d.push(b"{\"ty");
         assert!(d.next_frame::<GuestMessage>().unwrap().is_none());
         d.push(b"p");
-        assert!(matches!(d.next_frame::<GuestMessage>(), Err(FrameError::Json(_))));
+        assert!(matches!(
+            d.next_frame::<GuestMessage>(),
+            Err(FrameError::Json(_))
+        ));
     }
 
     #[test]

@@ -27,6 +27,8 @@ use tokio::task::JoinHandle;
 
 /// How often a refused or missing socket is retried.
 const RETRY_EVERY: Duration = Duration::from_millis(20);
+/// How often the host repeats its Hello until the guest handshakes.
+const HOST_HELLO_EVERY: Duration = Duration::from_millis(200);
 /// Capacity of the event broadcast (log lines included).
 const EVENT_CAPACITY: usize = 16 * 1024;
 
@@ -593,12 +595,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut acked = false;
+    // Our own Hello, repeated until the handshake: a guest that missed the reconnect
+    // would otherwise stay silent.
+    let mut greet = tokio::time::interval(HOST_HELLO_EVERY);
     loop {
         if acked && let Some(msg) = held.take() {
             write_msg(&mut wr, &msg, held).await?;
             continue;
         }
         tokio::select! {
+            _ = greet.tick(), if !acked => {
+                let hello = HostMessage::Hello { protocol_version: PROTOCOL_VERSION };
+                let frame = encode_frame(&hello).map_err(io::Error::other)?;
+                wr.write_all(&frame).await?;
+            }
             n = rd.read(&mut buf) => {
                 let n = n?;
                 if n == 0 {
@@ -662,7 +672,13 @@ mod tests {
     use tokio::net::{UnixListener, UnixStream};
 
     /// A scripted stand-in for the guest, on the server side of the socket like QEMU.
-    async fn fake_guest(mut s: UnixStream, hang_up_after_ack: bool) -> Vec<HostMessage> {
+    /// `volunteer_hello: false` plays a guest that missed the reconnect and only speaks
+    /// when greeted.
+    async fn fake_guest(
+        mut s: UnixStream,
+        hang_up_after_ack: bool,
+        volunteer_hello: bool,
+    ) -> Vec<HostMessage> {
         let mut dec = FrameDecoder::new();
         let mut seen = Vec::new();
         let mut buf = vec![0u8; 65536];
@@ -671,7 +687,7 @@ mod tests {
         let mut metadata = BTreeMap::new();
         loop {
             tokio::select! {
-                _ = tick.tick(), if !acked => {
+                _ = tick.tick(), if !acked && volunteer_hello => {
                     let f = encode_frame(&GuestMessage::Hello { protocol_version: 1, boot_ms: 42 }).unwrap();
                     s.write_all(&f).await.unwrap();
                 }
@@ -682,6 +698,9 @@ mod tests {
                     while let Some(m) = dec.next_frame::<HostMessage>().unwrap() {
                         let mut reply = Vec::new();
                         match &m {
+                            HostMessage::Hello { .. } => {
+                                reply.push(GuestMessage::Hello { protocol_version: 1, boot_ms: 42 });
+                            }
                             HostMessage::HelloAck { .. } if !acked => {
                                 acked = true;
                                 if hang_up_after_ack {
@@ -736,7 +755,7 @@ mod tests {
         });
         let listener = UnixListener::bind(&path).unwrap();
         let (s, _) = listener.accept().await.unwrap();
-        let guest = tokio::spawn(fake_guest(s, false));
+        let guest = tokio::spawn(fake_guest(s, false, true));
         let chan = connecting.await.unwrap().unwrap();
         let mut ev = chan.events();
         assert!(matches!(
@@ -804,12 +823,15 @@ mod tests {
         );
         drop(chan);
         let seen = guest.await.unwrap();
-        assert!(matches!(
-            seen[0],
-            HostMessage::HelloAck {
-                protocol_version: 1
-            }
-        ));
+        assert!(
+            seen.iter().any(|m| matches!(
+                m,
+                HostMessage::HelloAck {
+                    protocol_version: 1
+                }
+            )),
+            "{seen:?}"
+        );
     }
 
     #[tokio::test]
@@ -822,7 +844,7 @@ mod tests {
         });
         // First connection: the guest side hangs up right after the ack.
         let (s, _) = listener.accept().await.unwrap();
-        fake_guest(s, true).await;
+        fake_guest(s, true, true).await;
         let chan = connecting.await.unwrap().unwrap();
         // A request made while disconnected is held and sent after the next handshake.
         let pending = tokio::spawn({
@@ -834,7 +856,7 @@ mod tests {
             }
         });
         let (s, _) = listener.accept().await.unwrap();
-        let guest = tokio::spawn(fake_guest(s, false));
+        let guest = tokio::spawn(fake_guest(s, false, false));
         assert_eq!(
             chan.metadata_get("k", Duration::from_secs(5))
                 .await
