@@ -1,0 +1,362 @@
+//! Apps (`/apps`, `/apps/{app}`) and their secrets (`/apps/{app}/secrets…`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use aloft_store::{Expect, StoreError};
+use aloft_types::catalog::{AppRecord, SCHEMA_VERSION, app_key};
+use aloft_types::machine::MachineState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::ApiState;
+use crate::auth::{OrgRecord, Principal, org_key, read_record};
+use crate::error::{ApiError, ErrorResponse};
+use crate::extract::{JsonBody, QueryPairs};
+use crate::secrets::{self, AppSecret};
+use crate::util::{now_rfc3339, random_hex};
+
+/// Fly's `AppOrganizationInfo`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppOrganizationInfo {
+    pub name: String,
+    pub slug: String,
+}
+
+/// Fly's `App`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct App {
+    pub id: String,
+    pub name: String,
+    pub network: String,
+    pub organization: AppOrganizationInfo,
+    /// `deployed` when a machine runs, `suspended` when none does, `pending` without machines.
+    pub status: String,
+    pub machine_count: i64,
+    pub volume_count: i64,
+}
+
+/// Fly's `ListAppsResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ListAppsResponse {
+    pub apps: Vec<App>,
+    pub total_apps: i64,
+}
+
+/// Fly's `CreateAppRequest` (`app_name` is accepted for older clients).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct CreateAppRequest {
+    #[serde(alias = "app_name")]
+    pub name: String,
+    pub org_slug: String,
+    pub network: String,
+    pub enable_subdomains: bool,
+}
+
+/// Fly's `AppSecrets`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppSecrets {
+    pub secrets: Vec<AppSecret>,
+}
+
+/// Fly's `AppSecretsUpdateRequest`: a value to set, or `null` to remove.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct AppSecretsUpdateRequest {
+    pub values: BTreeMap<String, Option<String>>,
+}
+
+/// Fly's `AppSecretsUpdateResp`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppSecretsUpdateResp {
+    pub secrets: Vec<AppSecret>,
+    pub version: i64,
+}
+
+/// Fly's `SetAppSecretRequest`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct SetAppSecretRequest {
+    pub value: Option<String>,
+}
+
+/// Fly's `SetAppSecretResponse` (without the value).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SetAppSecretResponse {
+    pub name: String,
+    pub digest: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub version: i64,
+}
+
+/// Fly's `DeleteAppSecretResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeleteAppSecretResponse {
+    pub version: i64,
+}
+
+/// Fly app names: lowercase letters, digits and dashes, 2–63 characters, starting
+/// with a letter, not ending with a dash.
+pub fn valid_app_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (2..=63).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1] != b'-'
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
+async fn app_view(state: &ApiState, rec: &AppRecord) -> Result<App, ApiError> {
+    let mut machines = 0;
+    let mut running = 0;
+    let mut volumes = 0;
+    for a in state.agents() {
+        for m in a.list_machines(&rec.name).await? {
+            if m.state != MachineState::Destroyed {
+                machines += 1;
+                running += i64::from(m.state == MachineState::Started);
+            }
+        }
+        volumes += a.list_volumes(&rec.name).await?.len() as i64;
+    }
+    let status = match (machines, running) {
+        (0, _) => "pending",
+        (_, 0) => "suspended",
+        _ => "deployed",
+    };
+    Ok(App {
+        id: rec.id.clone(),
+        name: rec.name.clone(),
+        network: rec.network.clone(),
+        organization: AppOrganizationInfo {
+            name: rec.org.clone(),
+            slug: rec.org.clone(),
+        },
+        status: status.into(),
+        machine_count: machines,
+        volume_count: volumes,
+    })
+}
+
+async fn load_app(state: &ApiState, app: &str) -> Result<AppRecord, ApiError> {
+    read_record(state.store(), &app_key(app))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("app {app:?} not found")))
+}
+
+#[utoipa::path(get, path = "/apps", tag = "Apps", operation_id = "Apps_list",
+    params(("org_slug" = String, Query, description = "The org slug, or 'personal', to filter apps")),
+    responses((status = 200, description = "OK", body = ListAppsResponse)))]
+pub async fn list(
+    State(state): State<ApiState>,
+    Extension(who): Extension<Arc<Principal>>,
+    q: QueryPairs,
+) -> Result<Json<ListAppsResponse>, ApiError> {
+    let org = q
+        .get("org_slug")
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("query parameter `org_slug` is required".into()))?;
+    if org != who.org {
+        return Err(ApiError::NotFound(format!(
+            "organization {org:?} not found"
+        )));
+    }
+    let listing = state.store().list("apps/").await?;
+    let mut apps = Vec::new();
+    for e in &listing.entries {
+        let rec: AppRecord = serde_json::from_slice(&e.value)
+            .map_err(|err| ApiError::Internal(format!("catalog record {}: {err}", e.key)))?;
+        if rec.org == org && who.app.as_deref().is_none_or(|a| a == rec.name) {
+            apps.push(app_view(&state, &rec).await?);
+        }
+    }
+    Ok(Json(ListAppsResponse {
+        total_apps: apps.len() as i64,
+        apps,
+    }))
+}
+
+#[utoipa::path(post, path = "/apps", tag = "Apps", operation_id = "Apps_create",
+    request_body(content = CreateAppRequest, description = "App body"),
+    responses((status = 201, description = "Created", body = App),
+        (status = 400, description = "Bad Request", body = ErrorResponse)))]
+pub async fn create(
+    State(state): State<ApiState>,
+    Extension(who): Extension<Arc<Principal>>,
+    JsonBody(req): JsonBody<CreateAppRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    if !valid_app_name(&req.name) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid field `name`: {:?} is not a valid app name (lowercase letters, digits and dashes, 2-63 characters, starting with a letter)",
+            req.name
+        )));
+    }
+    let org = if req.org_slug.is_empty() {
+        who.org.clone()
+    } else {
+        req.org_slug.clone()
+    };
+    if org != who.org
+        || read_record::<OrgRecord>(state.store(), &org_key(&org))
+            .await?
+            .is_none()
+    {
+        return Err(ApiError::NotFound(format!(
+            "organization {org:?} not found"
+        )));
+    }
+    let rec = AppRecord {
+        schema: SCHEMA_VERSION,
+        id: random_hex(8),
+        name: req.name.clone(),
+        org,
+        network: if req.network.is_empty() {
+            "default".into()
+        } else {
+            req.network.clone()
+        },
+        created_at: now_rfc3339(),
+    };
+    let key = app_key(&rec.name);
+    let bytes =
+        serde_json::to_vec(&rec).map_err(|e| ApiError::Internal(format!("encoding {key}: {e}")))?;
+    match state.store().put_if(&key, bytes, Expect::Absent).await {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::NameTaken(format!(
+                "app name {:?} is already taken",
+                rec.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok((StatusCode::CREATED, Json(app_view(&state, &rec).await?)))
+}
+
+#[utoipa::path(get, path = "/apps/{app_name}", tag = "Apps", operation_id = "Apps_show",
+    params(("app_name" = String, Path, description = "Fly App Name")),
+    responses((status = 200, description = "OK", body = App)))]
+pub async fn show(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+) -> Result<Json<App>, ApiError> {
+    let rec = load_app(&state, &app).await?;
+    Ok(Json(app_view(&state, &rec).await?))
+}
+
+/// Destroys the app with its machines, volumes and secrets, as Fly does.
+#[utoipa::path(delete, path = "/apps/{app_name}", tag = "Apps", operation_id = "Apps_delete",
+    params(("app_name" = String, Path, description = "Fly App Name")),
+    responses((status = 202, description = "Accepted")))]
+pub async fn destroy(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    load_app(&state, &app).await?;
+    for a in state.agents() {
+        for m in a.list_machines(&app).await? {
+            if m.state != MachineState::Destroyed {
+                a.destroy_machine(&app, &m.id, true, None).await?;
+            }
+        }
+        for v in a.list_volumes(&app).await? {
+            a.destroy_volume(&app, &v.id).await?;
+        }
+    }
+    secrets::delete_all(&state, &app).await?;
+    state.store().delete(&app_key(&app), Expect::Any).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+#[utoipa::path(get, path = "/apps/{app_name}/secrets", tag = "Secrets", operation_id = "Secrets_list",
+    params(("app_name" = String, Path, description = "Fly App Name")),
+    responses((status = 200, description = "OK (values are never returned)", body = AppSecrets)))]
+pub async fn secrets_list(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+) -> Result<Json<AppSecrets>, ApiError> {
+    let (secrets, _) = secrets::list(&state, &app).await?;
+    Ok(Json(AppSecrets { secrets }))
+}
+
+#[utoipa::path(post, path = "/apps/{app_name}/secrets", tag = "Secrets", operation_id = "Secrets_update",
+    params(("app_name" = String, Path, description = "Fly App Name")),
+    request_body(content = AppSecretsUpdateRequest, description = "Values to set, or null to unset"),
+    responses((status = 200, description = "OK", body = AppSecretsUpdateResp),
+        (status = 400, description = "Bad Request", body = ErrorResponse)))]
+pub async fn secrets_update(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    JsonBody(req): JsonBody<AppSecretsUpdateRequest>,
+) -> Result<Json<AppSecretsUpdateResp>, ApiError> {
+    let (secrets, version) = secrets::update(&state, &app, &req.values).await?;
+    Ok(Json(AppSecretsUpdateResp {
+        secrets,
+        version: version as i64,
+    }))
+}
+
+#[utoipa::path(get, path = "/apps/{app_name}/secrets/{secret_name}", tag = "Secrets", operation_id = "Secret_get",
+    params(("app_name" = String, Path, description = "Fly App Name"),
+        ("secret_name" = String, Path, description = "App secret name")),
+    responses((status = 200, description = "OK (without the value)", body = AppSecret)))]
+pub async fn secret_show(
+    State(state): State<ApiState>,
+    Path((app, name)): Path<(String, String)>,
+) -> Result<Json<AppSecret>, ApiError> {
+    Ok(Json(secrets::get(&state, &app, &name).await?))
+}
+
+#[utoipa::path(post, path = "/apps/{app_name}/secrets/{secret_name}", tag = "Secrets", operation_id = "Secret_create",
+    params(("app_name" = String, Path, description = "Fly App Name"),
+        ("secret_name" = String, Path, description = "App secret name")),
+    request_body(content = SetAppSecretRequest, description = "Create app secret request"),
+    responses((status = 201, description = "Created", body = SetAppSecretResponse),
+        (status = 400, description = "Bad Request", body = ErrorResponse)))]
+pub async fn secret_set(
+    State(state): State<ApiState>,
+    Path((app, name)): Path<(String, String)>,
+    JsonBody(req): JsonBody<SetAppSecretRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let value = req
+        .value
+        .ok_or_else(|| ApiError::BadRequest("field `value` is required".into()))?;
+    let changes = BTreeMap::from([(name.clone(), Some(value))]);
+    let (list, version) = secrets::update(&state, &app, &changes).await?;
+    let s = list
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| ApiError::Internal(format!("secret {name:?} vanished after set")))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(SetAppSecretResponse {
+            name: s.name,
+            digest: s.digest,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            version: version as i64,
+        }),
+    ))
+}
+
+#[utoipa::path(delete, path = "/apps/{app_name}/secrets/{secret_name}", tag = "Secrets", operation_id = "Secret_delete",
+    params(("app_name" = String, Path, description = "Fly App Name"),
+        ("secret_name" = String, Path, description = "App secret name")),
+    responses((status = 200, description = "OK", body = DeleteAppSecretResponse)))]
+pub async fn secret_delete(
+    State(state): State<ApiState>,
+    Path((app, name)): Path<(String, String)>,
+) -> Result<Json<DeleteAppSecretResponse>, ApiError> {
+    secrets::get(&state, &app, &name).await?;
+    let changes = BTreeMap::from([(name, None)]);
+    let (_, version) = secrets::update(&state, &app, &changes).await?;
+    Ok(Json(DeleteAppSecretResponse {
+        version: version as i64,
+    }))
+}
