@@ -37,6 +37,28 @@ enum Command {
     Image(cmd::image::ImageCommand),
     /// Run the edge proxy.
     Proxy(cmd::proxy::ProxyArgs),
+    /// Create, list and destroy apps.
+    #[command(subcommand)]
+    Apps(cmd::apps::AppsCommand),
+    /// Run and manage individual machines.
+    Machine(cmd::machine::MachineArgs),
+    /// Deploy the app in fly.toml: release command, then a rolling, health-checked update.
+    Deploy(cmd::deploy::DeployArgs),
+    /// Show the app's machine logs.
+    Logs(cmd::logs::LogsArgs),
+    /// Create an app and write its fly.toml.
+    Launch(cmd::launch::LaunchArgs),
+    /// Show the app and its machines.
+    Status(cmd::status::StatusArgs),
+    /// Change the number of machines or their memory.
+    Scale(cmd::scale::ScaleArgs),
+    /// Manage the app's secrets.
+    Secrets(cmd::secrets::SecretsArgs),
+    /// Manage the app's volumes.
+    Volumes(cmd::volumes::VolumesArgs),
+    /// Save or show the API the CLI talks to.
+    #[command(subcommand)]
+    Auth(cmd::auth::AuthCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +75,16 @@ fn main() -> ExitCode {
         Command::Config(c) => cmd::config::run(c),
         Command::Image(c) => cmd::image::run(c, &data_dir),
         Command::Proxy(a) => cmd::proxy::run(a, &data_dir),
+        Command::Apps(c) => cmd::apps::run(c, &data_dir),
+        Command::Machine(a) => cmd::machine::run(a, &data_dir),
+        Command::Deploy(a) => cmd::deploy::run(a, &data_dir),
+        Command::Logs(a) => cmd::logs::run(a, &data_dir),
+        Command::Launch(a) => cmd::launch::run(a, &data_dir),
+        Command::Status(a) => cmd::status::run(a, &data_dir),
+        Command::Scale(a) => cmd::scale::run(a, &data_dir),
+        Command::Secrets(a) => cmd::secrets::run(a, &data_dir),
+        Command::Volumes(a) => cmd::volumes::run(a, &data_dir),
+        Command::Auth(c) => cmd::auth::run(c, &data_dir),
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,17 @@
 //! One module per command group; each exposes its clap arguments and a `run`.
 
+pub mod apps;
+pub mod auth;
+pub mod client;
+pub mod common;
 pub mod config;
+pub mod deploy;
 pub mod image;
+pub mod launch;
+pub mod logs;
+pub mod machine;
 pub mod proxy;
+pub mod scale;
+pub mod secrets;
+pub mod status;
+pub mod volumes;

@@ -1,0 +1,786 @@
+//! `aloft deploy`: fly.toml + image -> the app's machines, group by group, with the
+//! release command first, then a rolling (or immediate, canary, blue-green) update
+//! that waits for each machine to start and pass its checks, and rolls every updated
+//! machine back to its previous config when one does not.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use aloft_types::appconfig::{self, AppConfig};
+use aloft_types::datadir::DataDir;
+use aloft_types::machine::{
+    METADATA_PROCESS_GROUP, Machine, MachineConfig, MachineRestart, MachineState,
+    RELEASE_COMMAND_GROUP,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde::Serialize;
+
+use super::client::{Api, ApiError, block_on, enc};
+use super::common::{AppArgs, Progress, load_config, machine_group, parse_duration, print_json};
+use super::logs::fetch_logs;
+
+/// Metadata key holding the release version a machine was deployed with.
+pub const METADATA_RELEASE_VERSION: &str = "fly_release_version";
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    pub common: AppArgs,
+    /// The image to deploy (default: `[build] image`).
+    #[arg(short = 'i', long)]
+    pub image: Option<String>,
+    /// rolling, immediate, canary or bluegreen (default: `[deploy] strategy`, else rolling).
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// How long each machine may take to start and pass its checks.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub wait_timeout: Duration,
+    /// Regions for the first machines of a new process group (one machine each).
+    #[arg(long, value_delimiter = ',')]
+    pub regions: Vec<String>,
+    /// Only the given process groups (repeatable).
+    #[arg(long = "process-groups", value_delimiter = ',')]
+    pub only_groups: Vec<String>,
+    /// Skip the release command.
+    #[arg(long)]
+    pub skip_release_command: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    Rolling,
+    Immediate,
+    Canary,
+    Bluegreen,
+}
+
+impl Strategy {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "" | "rolling" => Strategy::Rolling,
+            "immediate" => Strategy::Immediate,
+            "canary" => Strategy::Canary,
+            "bluegreen" => Strategy::Bluegreen,
+            other => {
+                bail!("unknown deploy strategy {other:?}: rolling, immediate, canary or bluegreen")
+            }
+        })
+    }
+}
+
+/// What a deploy did, for `--json`.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    app: String,
+    image: String,
+    strategy: String,
+    release_version: u64,
+    release_command: Option<ReleaseCommandReport>,
+    groups: Vec<GroupReport>,
+    destroyed_stale: Vec<String>,
+    ok: bool,
+    error: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct ReleaseCommandReport {
+    machine_id: String,
+    exit_code: Option<i64>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct GroupReport {
+    group: String,
+    updated: Vec<String>,
+    created: Vec<String>,
+    destroyed: Vec<String>,
+    rolled_back: Vec<String>,
+}
+
+pub fn run(args: DeployArgs, data_dir: &DataDir) -> Result<ExitCode> {
+    let Some(loaded) = load_config(&args.common)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let cfg = loaded.config;
+    let app = match args.common.app.clone().filter(|a| !a.is_empty()) {
+        Some(a) => a,
+        None if !cfg.app_name.is_empty() => cfg.app_name.clone(),
+        None => bail!(
+            "no app: {} has no `app = \"NAME\"`; pass --app NAME",
+            loaded.file
+        ),
+    };
+    let image = args
+        .image
+        .clone()
+        .or_else(|| cfg.build.as_ref().map(|b| b.image.clone()))
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "no image to deploy: pass --image REF or set [build] image in {}",
+                loaded.file
+            )
+        })?;
+    let strategy = Strategy::parse(
+        args.strategy
+            .as_deref()
+            .or_else(|| cfg.deploy.as_ref().map(|d| d.strategy.as_str()))
+            .unwrap_or(""),
+    )?;
+    // Every group's config first: a bad group fails before anything changes.
+    let mut groups: Vec<(String, MachineConfig)> = Vec::new();
+    for g in appconfig::process_names(&cfg) {
+        if !args.only_groups.is_empty() && !args.only_groups.contains(&g) {
+            continue;
+        }
+        let mut mc = appconfig::to_machine_config(&cfg, Some(&g)).with_context(|| {
+            format!(
+                "{}: cannot build the machine config of group {g}",
+                loaded.file
+            )
+        })?;
+        mc.image = image.clone();
+        groups.push((g, mc));
+    }
+    if let Some(g) = args
+        .only_groups
+        .iter()
+        .find(|g| !groups.iter().any(|(n, _)| n == *g))
+    {
+        bail!("{}: no process group {g:?}", loaded.file);
+    }
+    let api = Api::connect(data_dir)?;
+    let json = args.common.json;
+    let mut report = Report {
+        app: app.clone(),
+        image: image.clone(),
+        strategy: format!("{strategy:?}").to_lowercase(),
+        ..Default::default()
+    };
+    let result = block_on(deploy(
+        &api,
+        &app,
+        &cfg,
+        &args,
+        strategy,
+        groups,
+        &mut report,
+    ))?;
+    report.ok = result.is_ok();
+    if let Err(e) = &result {
+        report.error = Some(format!("{e:#}"));
+    }
+    if json {
+        print_json(&report)?;
+    }
+    match result {
+        Ok(()) => {
+            if !json {
+                println!(
+                    "deployed {image} to app {app} (release v{}, {} strategy)",
+                    report.release_version, report.strategy
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                Ok(ExitCode::FAILURE)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn deploy(
+    api: &Api,
+    app: &str,
+    cfg: &AppConfig,
+    args: &DeployArgs,
+    strategy: Strategy,
+    groups: Vec<(String, MachineConfig)>,
+    report: &mut Report,
+) -> Result<()> {
+    let progress = Progress::new();
+    progress.step(format!("checking app {app}"));
+    match api
+        .get::<serde_json::Value>(&format!("/apps/{}", enc(app)))
+        .await
+    {
+        Ok(_) => {}
+        Err(e @ ApiError::Status { status: 404, .. }) => {
+            return Err(anyhow!(e).context(format!(
+                "app {app} does not exist: run `aloft launch` or `aloft apps create {app}`"
+            )));
+        }
+        Err(e) => return Err(anyhow!(e).context(format!("app {app}"))),
+    }
+    let all = api.list_machines(app).await?;
+    let live: Vec<Machine> = all
+        .into_iter()
+        .filter(|m| {
+            !matches!(m.state, MachineState::Destroyed | MachineState::Destroying)
+                && machine_group(m) != RELEASE_COMMAND_GROUP
+        })
+        .collect();
+    let version = live
+        .iter()
+        .filter_map(|m| m.config.metadata.get(METADATA_RELEASE_VERSION))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    report.release_version = version;
+    let groups: Vec<(String, MachineConfig)> = groups
+        .into_iter()
+        .map(|(g, mut mc)| {
+            mc.metadata
+                .insert(METADATA_RELEASE_VERSION.into(), version.to_string());
+            (g, mc)
+        })
+        .collect();
+
+    // The release command, in a machine of its own, before anything changes.
+    let release_command = cfg
+        .deploy
+        .as_ref()
+        .map(|d| d.release_command.trim().to_string())
+        .filter(|c| !c.is_empty());
+    if let (Some(cmd), false) = (release_command, args.skip_release_command) {
+        let base = groups
+            .iter()
+            .find(|(g, _)| *g == appconfig::default_group(cfg))
+            .or(groups.first())
+            .map(|(_, c)| c.clone())
+            .unwrap_or_default();
+        let timeout = cfg
+            .deploy
+            .as_ref()
+            .and_then(|d| d.release_command_timeout.as_deref())
+            .and_then(|t| appconfig::parse_go_duration(t).ok())
+            .unwrap_or(Duration::from_secs(300));
+        let region = (!cfg.primary_region.is_empty()).then_some(cfg.primary_region.as_str());
+        let rc = run_release_command(api, app, base, &cmd, region, timeout, &progress).await?;
+        report.release_command = Some(rc);
+    }
+
+    for (group, mc) in &groups {
+        let mut gr = GroupReport {
+            group: group.clone(),
+            ..Default::default()
+        };
+        let existing: Vec<Machine> = live
+            .iter()
+            .filter(|m| machine_group(m) == *group)
+            .cloned()
+            .collect();
+        let r = if existing.is_empty() {
+            create_first(api, app, cfg, args, group, mc, strategy, &progress, &mut gr).await
+        } else {
+            match strategy {
+                Strategy::Rolling | Strategy::Immediate => {
+                    rolling(api, app, args, mc, &existing, strategy, &progress, &mut gr).await
+                }
+                Strategy::Canary => {
+                    let region = existing[0].region.clone();
+                    progress.step(format!("[{group}] creating a canary machine in {region}"));
+                    let canary = api
+                        .create_machine(app, &without_mounts(mc), Some(&region), None, false)
+                        .await?;
+                    gr.created.push(canary.id.clone());
+                    let ok = wait_healthy(api, app, &canary, args.wait_timeout, &progress).await;
+                    progress.step(format!("[{group}] destroying canary {}", canary.id));
+                    let destroyed = api.destroy_machine(app, &canary.id, true).await;
+                    gr.destroyed.push(canary.id.clone());
+                    ok.with_context(|| format!("canary machine {} failed", canary.id))?;
+                    destroyed?;
+                    progress.done(format!("[{group}] canary {} healthy", canary.id));
+                    rolling(
+                        api,
+                        app,
+                        args,
+                        mc,
+                        &existing,
+                        Strategy::Rolling,
+                        &progress,
+                        &mut gr,
+                    )
+                    .await
+                }
+                Strategy::Bluegreen => {
+                    bluegreen(api, app, args, mc, &existing, &progress, &mut gr).await
+                }
+            }
+        };
+        report.groups.push(gr);
+        r.with_context(|| format!("deploying process group {group} of app {app}"))?;
+    }
+
+    // Machines of groups that are no longer in the config go away, as flyctl does.
+    if args.only_groups.is_empty() {
+        for m in live
+            .iter()
+            .filter(|m| !groups.iter().any(|(g, _)| *g == machine_group(m)))
+        {
+            progress.step(format!(
+                "destroying machine {} of process group {} (no longer in the config)",
+                m.id,
+                machine_group(m)
+            ));
+            api.destroy_machine(app, &m.id, true).await?;
+            progress.done(format!("destroyed machine {} ({})", m.id, machine_group(m)));
+            report.destroyed_stale.push(m.id.clone());
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// A volume belongs to one machine; temporary machines go without mounts.
+fn without_mounts(mc: &MachineConfig) -> MachineConfig {
+    let mut c = mc.clone();
+    c.mounts.clear();
+    c
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn create_first(
+    api: &Api,
+    app: &str,
+    cfg: &AppConfig,
+    args: &DeployArgs,
+    group: &str,
+    mc: &MachineConfig,
+    strategy: Strategy,
+    progress: &Progress,
+    gr: &mut GroupReport,
+) -> Result<()> {
+    let regions: Vec<Option<String>> = if !args.regions.is_empty() {
+        args.regions.iter().map(|r| Some(r.clone())).collect()
+    } else if !cfg.primary_region.is_empty() {
+        vec![Some(cfg.primary_region.clone())]
+    } else {
+        vec![None]
+    };
+    let mut created = Vec::new();
+    for region in &regions {
+        progress.step(format!(
+            "[{group}] creating a machine{}",
+            region
+                .as_ref()
+                .map(|r| format!(" in {r}"))
+                .unwrap_or_default()
+        ));
+        let m = api
+            .create_machine(app, mc, region.as_deref(), None, false)
+            .await?;
+        progress.done(format!(
+            "[{group}] created machine {} in {}",
+            m.id, m.region
+        ));
+        gr.created.push(m.id.clone());
+        created.push(m);
+    }
+    if strategy != Strategy::Immediate {
+        for m in &created {
+            wait_healthy(api, app, m, args.wait_timeout, progress).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps volume attachments of the machine being updated (the group config names
+/// volumes by name; the machine has them by id).
+fn config_for(existing: &Machine, new: &MachineConfig) -> MachineConfig {
+    let mut c = new.clone();
+    for mount in &mut c.mounts {
+        if mount.volume.is_empty()
+            && let Some(old) = existing
+                .config
+                .mounts
+                .iter()
+                .find(|o| o.path == mount.path || (!o.name.is_empty() && o.name == mount.name))
+        {
+            mount.volume = old.volume.clone();
+        }
+    }
+    c
+}
+
+fn was_down(m: &Machine) -> bool {
+    matches!(
+        m.state,
+        MachineState::Stopped | MachineState::Suspended | MachineState::Created
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn rolling(
+    api: &Api,
+    app: &str,
+    args: &DeployArgs,
+    mc: &MachineConfig,
+    existing: &[Machine],
+    strategy: Strategy,
+    progress: &Progress,
+    gr: &mut GroupReport,
+) -> Result<()> {
+    // (id, the config before the update, was it down, the new version)
+    let mut done: Vec<(Machine, String)> = Vec::new();
+    for listed in existing {
+        let prev = api.get_machine(app, &listed.id).await?;
+        let new_cfg = config_for(&prev, mc);
+        let skip_launch = was_down(&prev);
+        progress.step(format!(
+            "updating machine {} [{}] ({})",
+            prev.id,
+            machine_group(&prev),
+            prev.region
+        ));
+        let updated = match api
+            .update_machine(
+                app,
+                &prev.id,
+                &new_cfg,
+                Some(&prev.instance_id),
+                skip_launch,
+            )
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                rollback(api, app, &done, progress, gr).await;
+                return Err(e);
+            }
+        };
+        gr.updated.push(prev.id.clone());
+        let new_version = updated.instance_id.clone();
+        done.push((prev.clone(), new_version.clone()));
+        if strategy == Strategy::Immediate {
+            progress.done(format!("updated machine {}", prev.id));
+            continue;
+        }
+        if skip_launch {
+            progress.done(format!(
+                "updated machine {} (was {}, left so)",
+                prev.id, prev.state
+            ));
+            continue;
+        }
+        if let Err(e) = wait_healthy(api, app, &updated, args.wait_timeout, progress).await {
+            progress.fail(format!("machine {} failed: {e:#}", prev.id));
+            rollback(api, app, &done, progress, gr).await;
+            return Err(e.context(format!(
+                "machine {} did not become healthy; rolled back {} machine(s)",
+                prev.id,
+                done.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Puts every updated machine back on the config it had before (best effort; every
+/// failure is printed).
+async fn rollback(
+    api: &Api,
+    app: &str,
+    done: &[(Machine, String)],
+    progress: &Progress,
+    gr: &mut GroupReport,
+) {
+    for (prev, new_version) in done.iter().rev() {
+        progress.step(format!(
+            "rolling back machine {} to version {}",
+            prev.id, prev.instance_id
+        ));
+        match api
+            .update_machine(
+                app,
+                &prev.id,
+                &prev.config,
+                Some(new_version),
+                was_down(prev),
+            )
+            .await
+        {
+            Ok(m) => {
+                if !was_down(prev) {
+                    let _ = api
+                        .wait_machine(
+                            app,
+                            &m.id,
+                            "started",
+                            Some(&m.instance_id),
+                            Duration::from_secs(60),
+                        )
+                        .await;
+                }
+                progress.done(format!("rolled back machine {}", prev.id));
+                gr.rolled_back.push(prev.id.clone());
+            }
+            Err(e) => progress.fail(format!("could not roll back machine {}: {e:#}", prev.id)),
+        }
+    }
+}
+
+async fn bluegreen(
+    api: &Api,
+    app: &str,
+    args: &DeployArgs,
+    mc: &MachineConfig,
+    existing: &[Machine],
+    progress: &Progress,
+    gr: &mut GroupReport,
+) -> Result<()> {
+    if existing.iter().any(|m| !m.config.mounts.is_empty()) {
+        bail!("blue-green deploys cannot move volumes; use the rolling strategy");
+    }
+    let mut green: Vec<Machine> = Vec::new();
+    let mut failure = None;
+    for blue in existing {
+        progress.step(format!(
+            "creating a green machine for {} in {}",
+            blue.id, blue.region
+        ));
+        match api
+            .create_machine(app, mc, Some(&blue.region), None, false)
+            .await
+        {
+            Ok(m) => {
+                gr.created.push(m.id.clone());
+                green.push(m);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        for m in &green {
+            if let Err(e) = wait_healthy(api, app, m, args.wait_timeout, progress).await {
+                failure = Some(e.context(format!("green machine {} failed", m.id)));
+                break;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        for m in &green {
+            progress.step(format!("destroying green machine {}", m.id));
+            if let Err(d) = api.destroy_machine(app, &m.id, true).await {
+                progress.fail(format!("{d:#}"));
+            } else {
+                gr.destroyed.push(m.id.clone());
+            }
+        }
+        return Err(e.context("blue-green deploy failed; the old machines were left untouched"));
+    }
+    for blue in existing {
+        progress.step(format!("destroying blue machine {}", blue.id));
+        api.destroy_machine(app, &blue.id, true).await?;
+        gr.destroyed.push(blue.id.clone());
+    }
+    progress.done(format!("{} green machine(s) took over", green.len()));
+    Ok(())
+}
+
+/// Number of checks the machine should report: top-level plus service checks.
+fn expected_checks(c: &MachineConfig) -> usize {
+    c.checks.len() + c.services.iter().map(|s| s.checks.len()).sum::<usize>()
+}
+
+/// Waits for `started` (this version), then for every check to pass, all within
+/// `timeout`. The error names the failing check and its output.
+pub async fn wait_healthy(
+    api: &Api,
+    app: &str,
+    m: &Machine,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    progress.step(format!("waiting for machine {} to start", m.id));
+    let w = api
+        .wait_machine(app, &m.id, "started", Some(&m.instance_id), timeout)
+        .await;
+    let now = api.get_machine(app, &m.id).await?;
+    if now.state != MachineState::Started {
+        let why = match w {
+            Err(e) => format!("{e:#}"),
+            Ok(w) => format!(
+                "state {}",
+                if w.state.is_empty() {
+                    now.state.to_string()
+                } else {
+                    w.state
+                }
+            ),
+        };
+        bail!(
+            "machine {} of app {app} did not start within {}s: {why}{}",
+            m.id,
+            timeout.as_secs(),
+            exit_note(&now)
+        );
+    }
+    let expected = expected_checks(&now.config);
+    if expected == 0 {
+        progress.done(format!("machine {} started ({})", m.id, now.region));
+        return Ok(());
+    }
+    progress.step(format!(
+        "waiting for {expected} check(s) of machine {} to pass",
+        m.id
+    ));
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let cur = api.get_machine(app, &m.id).await?;
+        let passing = cur.checks.iter().filter(|c| c.status == "passing").count();
+        if cur.checks.len() >= expected && passing == cur.checks.len() {
+            progress.done(format!(
+                "machine {} started and passes {passing} check(s)",
+                m.id
+            ));
+            return Ok(());
+        }
+        if matches!(
+            cur.state,
+            MachineState::Stopped | MachineState::Failed | MachineState::Destroyed
+        ) {
+            bail!(
+                "machine {} of app {app} is {} while waiting for its checks{}",
+                m.id,
+                cur.state,
+                exit_note(&cur)
+            );
+        }
+        if Instant::now() >= deadline {
+            let failing: Vec<String> = cur
+                .checks
+                .iter()
+                .filter(|c| c.status != "passing")
+                .map(|c| format!("check {} is {}: {}", c.name, c.status, c.output.trim()))
+                .collect();
+            let detail = if failing.is_empty() {
+                format!("{} of {expected} check(s) reported", cur.checks.len())
+            } else {
+                failing.join("; ")
+            };
+            bail!(
+                "machine {} of app {app} is not healthy after {}s: {detail}",
+                m.id,
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// `(exit code 1)` from the machine's last exit event, when there is one.
+fn exit_note(m: &Machine) -> String {
+    match last_exit_code(&m.events) {
+        Some(c) => format!(" (last exit code {c})"),
+        None => String::new(),
+    }
+}
+
+/// The exit code of the newest `exit` event.
+pub fn last_exit_code(events: &[aloft_types::machine::MachineEvent]) -> Option<i64> {
+    events
+        .iter()
+        .filter(|e| e.kind == "exit")
+        .max_by_key(|e| e.timestamp)
+        .and_then(|e| e.request.as_ref())
+        .and_then(|r| {
+            r.pointer("/exit_event/exit_code")
+                .or_else(|| r.get("exit_code"))
+                .and_then(|c| c.as_i64())
+        })
+}
+
+async fn run_release_command(
+    api: &Api,
+    app: &str,
+    base: MachineConfig,
+    cmd: &str,
+    region: Option<&str>,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<ReleaseCommandReport> {
+    let mut mc = base;
+    mc.init.cmd = Some(super::machine::split_words(cmd)?);
+    mc.services.clear();
+    mc.checks.clear();
+    mc.mounts.clear();
+    mc.restart = Some(MachineRestart {
+        policy: "no".into(),
+        ..Default::default()
+    });
+    // Kept until its exit code and logs are read, then destroyed here.
+    mc.auto_destroy = false;
+    mc.metadata
+        .insert(METADATA_PROCESS_GROUP.into(), RELEASE_COMMAND_GROUP.into());
+    progress.step(format!("running release command `{cmd}`"));
+    let m = api.create_machine(app, &mc, region, None, false).await?;
+    let waited = api
+        .wait_machine(app, &m.id, "stopped,failed", None, timeout)
+        .await;
+    let events: Vec<aloft_types::machine::MachineEvent> = api
+        .get(&format!(
+            "/apps/{}/machines/{}/events?limit=50",
+            enc(app),
+            enc(&m.id)
+        ))
+        .await
+        .unwrap_or_default();
+    let state = api.get_machine(app, &m.id).await.map(|x| x.state).ok();
+    let code = last_exit_code(&events);
+    let report = ReleaseCommandReport {
+        machine_id: m.id.clone(),
+        exit_code: code,
+    };
+    let ok = code == Some(0) && state != Some(MachineState::Failed);
+    if !ok {
+        progress.fail(format!(
+            "release command `{cmd}` failed in machine {}",
+            m.id
+        ));
+        match fetch_logs(api, app, Some(&m.id), None).await {
+            Ok(lines) => {
+                for l in lines {
+                    eprintln!("  {} {}", l.stream, l.message);
+                }
+            }
+            Err(e) => eprintln!("  (no logs: {e:#})"),
+        }
+    }
+    let _ = api.destroy_machine(app, &m.id, true).await;
+    if !ok {
+        let why = match (code, &waited) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Err(e)) => format!("did not finish within {}s: {e:#}", timeout.as_secs()),
+            (None, Ok(w)) => format!("ended in state {} without an exit code", w.state),
+        };
+        bail!(
+            "release command `{cmd}` (machine {}) {why}; deploy aborted, nothing changed",
+            m.id
+        );
+    }
+    progress.done(format!("release command `{cmd}` succeeded"));
+    Ok(report)
+}
+
+/// Groups machines by process group (for status).
+pub fn by_group(ms: &[Machine]) -> BTreeMap<String, Vec<&Machine>> {
+    let mut out: BTreeMap<String, Vec<&Machine>> = BTreeMap::new();
+    for m in ms {
+        out.entry(machine_group(m)).or_default().push(m);
+    }
+    out
+}
