@@ -5,7 +5,13 @@
 //! It owns the machines on its host and is their source of truth. It must not make
 //! placement decisions for other hosts nor serve the public API itself.
 
+mod agent;
 pub mod api;
+mod db;
+mod health;
+mod volumes;
+
+pub use agent::{Agent, AgentConfig, rfc3339};
 
 pub use api::{
     AgentApi, AgentError, CreateMachine, CreateVolume, ExecOutput, LogLine, StopOptions,

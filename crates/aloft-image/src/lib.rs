@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod archive;
 pub mod blobs;
+pub mod build;
 pub mod ext4;
 pub mod registry;
 pub mod store;
@@ -16,6 +17,7 @@ pub mod store;
 pub use apply::{ApplyError, ApplyLimits};
 pub use archive::{ImportError, Imported, import, normalise_reference};
 pub use blobs::{BlobError, BlobStore};
+pub use build::{PackError, pack_dir};
 pub use registry::{Credentials, PullError, PullOptions, Pulled, pull};
 pub use store::{
     GcReport, ImageConfig, ImageRecord, ImageStore, Progress, ProgressFn, StoreError, no_progress,
