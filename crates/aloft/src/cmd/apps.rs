@@ -26,9 +26,9 @@ pub enum AppsCommand {
     },
     /// List apps.
     List {
-        /// Only the apps of this organisation.
-        #[arg(long)]
-        org: Option<String>,
+        /// The organisation whose apps to list.
+        #[arg(long, default_value = "personal")]
+        org: String,
         #[arg(long)]
         json: bool,
     },
@@ -97,11 +97,11 @@ pub fn run(cmd: AppsCommand, data_dir: &DataDir) -> Result<ExitCode> {
                 }
             }
             AppsCommand::List { org, json } => {
-                let path = match &org {
-                    Some(o) => format!("/apps?org_slug={}", enc(o)),
-                    None => "/apps".to_string(),
-                };
-                let v: Value = api.get(&path).await.context("listing apps")?;
+                let path = format!("/apps?org_slug={}", enc(&org));
+                let v: Value = api
+                    .get(&path)
+                    .await
+                    .with_context(|| format!("listing the apps of organisation {org}"))?;
                 let apps = apps_of(&v);
                 if json {
                     print_json(&apps)?;
@@ -113,10 +113,7 @@ pub fn run(cmd: AppsCommand, data_dir: &DataDir) -> Result<ExitCode> {
                         .map(|a| {
                             vec![
                                 field(a, "name"),
-                                field(a, "organization")
-                                    .chars()
-                                    .chain(field(a, "org_slug").chars())
-                                    .collect(),
+                                field(a, "organization"),
                                 field(a, "machine_count"),
                                 field(a, "network"),
                             ]
