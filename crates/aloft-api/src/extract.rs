@@ -16,6 +16,14 @@ pub struct JsonBody<T>(pub T);
 pub struct OptJsonBody<T>(pub T);
 
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Every request body of the API is an object; serde would also take a list.
+    if let Some(first) = bytes.iter().find(|b| !b.is_ascii_whitespace())
+        && *first == b'['
+    {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: expected an object, found a list".into(),
+        ));
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
