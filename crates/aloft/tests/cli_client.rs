@@ -212,6 +212,19 @@ impl AgentApi for FakeAgent {
         };
         let key = (req.app.clone(), id.clone());
         let mut g = self.inner.lock().await;
+        for mount in &m.config.mounts {
+            let v = g
+                .volumes
+                .get_mut(&(req.app.clone(), mount.volume.clone()))
+                .ok_or_else(|| nf("volume", &mount.volume))?;
+            if let Some(other) = &v.attached_machine_id {
+                return Err(AgentError::Conflict(format!(
+                    "volume {} is attached to machine {other}",
+                    v.id
+                )));
+            }
+            v.attached_machine_id = Some(id.clone());
+        }
         g.secrets.insert(id.clone(), req.secrets);
         g.machines.insert(key.clone(), m);
         if !req.skip_launch {
@@ -337,6 +350,11 @@ impl AgentApi for FakeAgent {
             )));
         }
         g.machines.remove(&key);
+        for v in g.volumes.values_mut() {
+            if v.attached_machine_id.as_deref() == Some(id) {
+                v.attached_machine_id = None;
+            }
+        }
         drop(g);
         self.bump();
         Ok(())
@@ -1116,4 +1134,134 @@ fn volumes_round_trip() {
     assert_eq!(list.as_array().unwrap().len(), 0);
     let out = h.aloft(&["volumes", "create", "pgdata", "--size", "0", "-a", "db"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn deploy_and_scale_give_each_machine_its_own_volume() {
+    let h = Harness::start(&[("h1", "ams")]);
+    h.ok(&["apps", "create", "web"]);
+    h.write(
+        "fly.toml",
+        &format!(
+            "{HEALTHY_TOML}\n[[mounts]]\n  source = \"data\"\n  destination = \"/data\"\n  initial_size = \"2gb\"\n"
+        ),
+    );
+    h.ok(&["deploy"]);
+    let ms = h.machines("web");
+    assert_eq!(ms.len(), 1);
+    let vols = h.json(&["volumes", "list", "--json"]);
+    assert_eq!(vols.as_array().unwrap().len(), 1);
+    assert_eq!(vols[0]["name"], "data");
+    assert_eq!(vols[0]["size_gb"], 2);
+    assert_eq!(
+        ms[0].config.mounts[0].volume,
+        vols[0]["id"].as_str().unwrap()
+    );
+    assert_eq!(vols[0]["attached_machine_id"], ms[0].id.as_str());
+
+    // A redeploy keeps the attachment.
+    h.ok(&["deploy", "--image", "registry.local/web:v2"]);
+    let ms2 = h.machines("web");
+    assert_eq!(
+        ms2[0].config.mounts[0].volume,
+        ms[0].config.mounts[0].volume
+    );
+
+    // Scaling out makes a second volume of the same size for the new machine.
+    h.ok(&["scale", "count", "2"]);
+    let ms = h.machines("web");
+    assert_eq!(ms.len(), 2);
+    assert_ne!(ms[0].config.mounts[0].volume, ms[1].config.mounts[0].volume);
+    let vols = h.json(&["volumes", "list", "--json"]);
+    assert_eq!(vols.as_array().unwrap().len(), 2);
+    assert!(vols.as_array().unwrap().iter().all(|v| v["size_gb"] == 2));
+}
+
+#[test]
+fn canary_bluegreen_and_immediate_strategies() {
+    let h = Harness::start(&[("h1", "ams")]);
+    h.ok(&["apps", "create", "web"]);
+    h.write("fly.toml", HEALTHY_TOML);
+    h.ok(&["deploy"]);
+    let first = h.machines("web")[0].clone();
+
+    // canary: a temporary machine first, then the rolling update of the same machine.
+    let r = h.json(&[
+        "deploy",
+        "--image",
+        "registry.local/web:v2",
+        "--strategy",
+        "canary",
+        "--json",
+    ]);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["groups"][0]["created"].as_array().unwrap().len(), 1);
+    assert_eq!(r["groups"][0]["destroyed"], r["groups"][0]["created"]);
+    let ms = h.machines("web");
+    assert_eq!(ms.len(), 1);
+    assert_eq!(
+        (ms[0].id.as_str(), ms[0].config.image.as_str()),
+        (first.id.as_str(), "registry.local/web:v2")
+    );
+
+    // A failing canary changes nothing.
+    let out = h.aloft(&[
+        "deploy",
+        "--image",
+        "registry.local/web:unhealthy",
+        "--strategy",
+        "canary",
+        "--wait-timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("canary machine"), "{}", stderr(&out));
+    let ms = h.machines("web");
+    assert_eq!(ms.len(), 1);
+    assert_eq!(ms[0].config.image, "registry.local/web:v2");
+
+    // bluegreen: new machines replace the old ones.
+    h.ok(&[
+        "deploy",
+        "--image",
+        "registry.local/web:v3",
+        "--strategy",
+        "bluegreen",
+    ]);
+    let ms = h.machines("web");
+    assert_eq!(ms.len(), 1);
+    assert_ne!(ms[0].id, first.id);
+    assert_eq!(ms[0].config.image, "registry.local/web:v3");
+
+    // A failing green set leaves the blue one alone.
+    let blue = ms[0].id.clone();
+    let out = h.aloft(&[
+        "deploy",
+        "--image",
+        "registry.local/web:unhealthy",
+        "--strategy",
+        "bluegreen",
+        "--wait-timeout",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let ms = h.machines("web");
+    assert_eq!(ms.len(), 1);
+    assert_eq!(
+        (ms[0].id.as_str(), ms[0].config.image.as_str()),
+        (blue.as_str(), "registry.local/web:v3")
+    );
+
+    // immediate: updated without waiting for checks, so even an unhealthy image lands.
+    h.ok(&[
+        "deploy",
+        "--image",
+        "registry.local/web:unhealthy",
+        "--strategy",
+        "immediate",
+    ]);
+    assert_eq!(
+        h.machines("web")[0].config.image,
+        "registry.local/web:unhealthy"
+    );
 }

@@ -34,9 +34,10 @@ pub struct DeployArgs {
     /// rolling, immediate, canary or bluegreen (default: `[deploy] strategy`, else rolling).
     #[arg(long)]
     pub strategy: Option<String>,
-    /// How long each machine may take to start and pass its checks.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
-    pub wait_timeout: Duration,
+    /// How long each machine may take to start and pass its checks (default:
+    /// `[deploy] wait_timeout`, else 120s).
+    #[arg(long, value_parser = parse_duration)]
+    pub wait_timeout: Option<Duration>,
     /// Regions for the first machines of a new process group (one machine each).
     #[arg(long, value_delimiter = ',')]
     pub regions: Vec<String>,
@@ -46,6 +47,12 @@ pub struct DeployArgs {
     /// Skip the release command.
     #[arg(long)]
     pub skip_release_command: bool,
+}
+
+impl DeployArgs {
+    fn wait(&self) -> Duration {
+        self.wait_timeout.unwrap_or(Duration::from_secs(120))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -100,11 +107,18 @@ struct GroupReport {
     rolled_back: Vec<String>,
 }
 
-pub fn run(args: DeployArgs, data_dir: &DataDir) -> Result<ExitCode> {
+pub fn run(mut args: DeployArgs, data_dir: &DataDir) -> Result<ExitCode> {
     let Some(loaded) = load_config(&args.common)? else {
         return Ok(ExitCode::FAILURE);
     };
     let cfg = loaded.config;
+    if args.wait_timeout.is_none()
+        && let Some(t) = cfg.deploy.as_ref().and_then(|d| d.wait_timeout.as_deref())
+    {
+        let d = appconfig::parse_go_duration(t)
+            .map_err(|e| anyhow!("{}: [deploy] wait_timeout: {e}", loaded.file))?;
+        args.wait_timeout = Some(d);
+    }
     let app = match args.common.app.clone().filter(|a| !a.is_empty()) {
         Some(a) => a,
         None if !cfg.app_name.is_empty() => cfg.app_name.clone(),
@@ -292,7 +306,7 @@ async fn deploy(
                         .create_machine(app, &without_mounts(mc), Some(&region), None, false)
                         .await?;
                     gr.created.push(canary.id.clone());
-                    let ok = wait_healthy(api, app, &canary, args.wait_timeout, &progress).await;
+                    let ok = wait_healthy(api, app, &canary, args.wait(), &progress).await;
                     progress.step(format!("[{group}] destroying canary {}", canary.id));
                     let destroyed = api.destroy_machine(app, &canary.id, true).await;
                     gr.destroyed.push(canary.id.clone());
@@ -375,8 +389,18 @@ async fn create_first(
                 .map(|r| format!(" in {r}"))
                 .unwrap_or_default()
         ));
+        let mut mc = mc.clone();
+        attach_volumes(
+            api,
+            app,
+            &mut mc,
+            region.as_deref(),
+            &initial_sizes(cfg),
+            progress,
+        )
+        .await?;
         let m = api
-            .create_machine(app, mc, region.as_deref(), None, false)
+            .create_machine(app, &mc, region.as_deref(), None, false)
             .await?;
         progress.done(format!(
             "[{group}] created machine {} in {}",
@@ -387,8 +411,78 @@ async fn create_first(
     }
     if strategy != Strategy::Immediate {
         for m in &created {
-            wait_healthy(api, app, m, args.wait_timeout, progress).await?;
+            wait_healthy(api, app, m, args.wait(), progress).await?;
         }
+    }
+    Ok(())
+}
+
+/// `[[mounts]] source` -> `initial_size` in GB (1 when unset).
+pub fn initial_sizes(cfg: &AppConfig) -> BTreeMap<String, i64> {
+    cfg.mounts
+        .iter()
+        .map(|m| {
+            let gb = appconfig::parse_size(
+                &m.initial_size,
+                appconfig::SizeUnits::Decimal,
+                1_000_000_000,
+            )
+            .ok()
+            .filter(|n| *n > 0)
+            .map_or(1, |n| n as i64);
+            (m.source.clone(), gb)
+        })
+        .collect()
+}
+
+/// Gives every mount without a volume id a volume of its name: an unattached one in
+/// the region if there is one, else a new one (as flyctl does for new machines).
+pub async fn attach_volumes(
+    api: &Api,
+    app: &str,
+    mc: &mut MachineConfig,
+    region: Option<&str>,
+    sizes: &BTreeMap<String, i64>,
+    progress: &Progress,
+) -> Result<()> {
+    if mc.mounts.iter().all(|m| !m.volume.is_empty()) {
+        return Ok(());
+    }
+    let vols: Vec<aloft_types::machine::Volume> = api
+        .get(&format!("/apps/{}/volumes", enc(app)))
+        .await
+        .with_context(|| format!("listing the volumes of app {app}"))?;
+    let mut taken: Vec<String> = Vec::new();
+    for mount in mc.mounts.iter_mut().filter(|m| m.volume.is_empty()) {
+        let free = vols.iter().find(|v| {
+            v.name == mount.name
+                && v.attached_machine_id.as_deref().is_none_or(str::is_empty)
+                && v.state != "destroyed"
+                && region.is_none_or(|r| v.region == r)
+                && !taken.contains(&v.id)
+        });
+        let id = match free {
+            Some(v) => v.id.clone(),
+            None => {
+                let size = sizes.get(&mount.name).copied().unwrap_or(1);
+                progress.step(format!("creating volume {} ({size}GB)", mount.name));
+                let mut body = serde_json::json!({ "name": mount.name, "size_gb": size });
+                if let Some(r) = region {
+                    body["region"] = r.into();
+                }
+                let v: aloft_types::machine::Volume = api
+                    .post(&format!("/apps/{}/volumes", enc(app)), &body)
+                    .await
+                    .with_context(|| format!("creating volume {} for app {app}", mount.name))?;
+                progress.done(format!(
+                    "created volume {} ({}) in {}",
+                    v.name, v.id, v.region
+                ));
+                v.id
+            }
+        };
+        taken.push(id.clone());
+        mount.volume = id;
     }
     Ok(())
 }
@@ -471,7 +565,7 @@ async fn rolling(
             ));
             continue;
         }
-        if let Err(e) = wait_healthy(api, app, &updated, args.wait_timeout, progress).await {
+        if let Err(e) = wait_healthy(api, app, &updated, args.wait(), progress).await {
             progress.fail(format!("machine {} failed: {e:#}", prev.id));
             rollback(api, app, &done, progress, gr).await;
             return Err(e.context(format!(
@@ -563,7 +657,7 @@ async fn bluegreen(
     }
     if failure.is_none() {
         for m in &green {
-            if let Err(e) = wait_healthy(api, app, m, args.wait_timeout, progress).await {
+            if let Err(e) = wait_healthy(api, app, m, args.wait(), progress).await {
                 failure = Some(e.context(format!("green machine {} failed", m.id)));
                 break;
             }

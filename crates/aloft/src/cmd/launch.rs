@@ -144,7 +144,7 @@ pub fn run(args: LaunchArgs, data_dir: &DataDir) -> Result<ExitCode> {
                 },
                 image: None,
                 strategy: None,
-                wait_timeout: args.wait_timeout,
+                wait_timeout: Some(args.wait_timeout),
                 regions: Vec::new(),
                 only_groups: Vec::new(),
                 skip_release_command: false,

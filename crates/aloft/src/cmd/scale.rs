@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::client::{Api, block_on};
 use super::common::{AppArgs, Progress, machine_group, parse_duration, print_json};
-use super::deploy::wait_healthy;
+use super::deploy::{attach_volumes, wait_healthy};
 
 #[derive(Args, Debug)]
 pub struct ScaleArgs {
@@ -115,20 +115,31 @@ pub fn run(args: ScaleArgs, data_dir: &DataDir) -> Result<ExitCode> {
                     rs
                 };
                 let target = spread(count, &regions);
+                // New volumes get the size of the template's.
+                let mut sizes = BTreeMap::new();
+                for m in &template.config.mounts {
+                    let v: Result<aloft_types::machine::Volume, _> = api
+                        .get(&format!(
+                            "/apps/{}/volumes/{}",
+                            super::client::enc(&app),
+                            super::client::enc(&m.volume)
+                        ))
+                        .await;
+                    sizes.insert(m.name.clone(), v.map_or(1, |v| v.size_gb));
+                }
                 let mut created = Vec::new();
                 let mut destroyed = Vec::new();
                 for (region, want) in &target {
                     let mut here: Vec<&Machine> =
                         machines.iter().filter(|m| &m.region == region).collect();
-                    if here.len() < *want && !template.config.mounts.is_empty() {
-                        bail!(
-                            "machines of group {group} mount volumes; create a volume per new machine in {region} first"
-                        );
-                    }
                     for _ in here.len()..*want {
                         progress.step(format!("creating a {group} machine in {region}"));
                         let mut cfg = template.config.clone();
-                        cfg.mounts.clear();
+                        for m in &mut cfg.mounts {
+                            m.volume.clear();
+                        }
+                        attach_volumes(&api, &app, &mut cfg, Some(region), &sizes, &progress)
+                            .await?;
                         let m = api
                             .create_machine(&app, &cfg, Some(region), None, false)
                             .await?;
