@@ -74,7 +74,9 @@ fn main() {
     if let Err(e) = boot::early_mounts() {
         fatal(&mut port, None, &e.to_string());
     }
+    let mut phases = vec![("start", boot_ms)];
     boot::load_modules(Path::new("/lib/modules"));
+    phases.push(("modules", sys::uptime_ms()));
     let _ = port.tick(Instant::now());
     let cfg = match std::fs::read(RUN_CONFIG_PATH)
         .map_err(|e| format!("{RUN_CONFIG_PATH}: {e}"))
@@ -83,27 +85,40 @@ fn main() {
         Ok(c) => c,
         Err(e) => fatal(&mut port, None, &e),
     };
-    let creds = match setup(&cfg) {
+    let creds = match setup(&cfg, &mut phases) {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
     };
-    port.send(&GuestMessage::InitStarted {
-        uptime_ms: sys::uptime_ms(),
-    });
+    let now = sys::uptime_ms();
+    port.send(&GuestMessage::InitStarted { uptime_ms: now });
+    let steps: Vec<String> = phases
+        .windows(2)
+        .map(|w| format!("{} {}ms", w[1].0, w[1].1.saturating_sub(w[0].1)))
+        .collect();
+    eprintln!(
+        "aloft-init: set up at {now} ms after kernel start ({})",
+        steps.join(", ")
+    );
     let mut init = Init::new(cfg, creds, sigfd, port);
     init.start_app();
     init.run()
 }
 
 /// Everything between the initramfs and the app: root switch, mounts, names, network.
-fn setup(cfg: &RunConfig) -> Result<users::Credentials, String> {
+fn setup(
+    cfg: &RunConfig,
+    phases: &mut Vec<(&'static str, u64)>,
+) -> Result<users::Credentials, String> {
     cfg.kill_signal_number().map_err(|e| e.to_string())?;
     boot::switch_root(cfg).map_err(|e| e.to_string())?;
+    phases.push(("root", sys::uptime_ms()));
     boot::late_mounts().map_err(|e| e.to_string())?;
     boot::mount_volumes(cfg).map_err(|e| e.to_string())?;
     boot::write_files(cfg).map_err(|e| e.to_string())?;
     boot::names(cfg).map_err(|e| e.to_string())?;
+    phases.push(("mounts+files", sys::uptime_ms()));
     boot::network(cfg).map_err(|e| e.to_string())?;
+    phases.push(("network", sys::uptime_ms()));
     if let Err(e) = sys::raise_nofile() {
         eprintln!("aloft-init: raising RLIMIT_NOFILE: {e}");
     }
