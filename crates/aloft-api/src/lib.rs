@@ -120,6 +120,18 @@ impl ApiState {
     }
 }
 
+/// Serves the API on a bound listener until `shutdown` completes; in-flight requests
+/// are finished first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// The `/v1` router: every route behind the token middleware, every error as JSON.
 pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
@@ -201,6 +213,7 @@ pub fn router(state: ApiState) -> Router {
             "/apps/{app_name}/machines/{machine_id}/memory",
             get(machines::memory),
         )
+        .route("/apps/{app_name}/logs", get(machines::logs))
         .route(
             "/apps/{app_name}/volumes",
             get(volumes::list).post(volumes::create),

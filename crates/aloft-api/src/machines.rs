@@ -824,3 +824,67 @@ pub async fn memory(
         limit_mb: placement::memory_mb(&m.config) as i64,
     }))
 }
+
+/// One log line of a machine (the agent's `LogLine`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogLine {
+    pub machine_id: String,
+    pub region: String,
+    /// Unix milliseconds.
+    pub timestamp: i64,
+    /// `stdout`, `stderr` or `system`.
+    pub stream: String,
+    pub message: String,
+}
+
+/// Aloft's addition (Fly serves logs from another API): the app's machine logs, oldest first.
+#[utoipa::path(get, path = "/apps/{app_name}/logs", tag = "Logs", operation_id = "Logs_list",
+    params(("app_name" = String, Path, description = "Fly App Name"),
+        ("machine_id" = Option<String>, Query, description = "Only this machine"),
+        ("region" = Option<String>, Query, description = "Only machines of this region"),
+        ("since" = Option<i64>, Query, description = "Only lines after this time (Unix milliseconds)")),
+    responses((status = 200, description = "OK", body = Vec<LogLine>)))]
+pub async fn logs(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    q: QueryPairs,
+) -> Result<Json<Vec<LogLine>>, ApiError> {
+    let since = match q.get("since").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(s.parse::<i64>().map_err(|_| {
+            ApiError::BadRequest(format!(
+                "invalid query parameter `since`: {s:?} is not Unix milliseconds"
+            ))
+        })?),
+    };
+    let region = q.get("region").filter(|r| !r.is_empty());
+    let mut targets: Vec<(Arc<dyn AgentApi>, String)> = Vec::new();
+    if let Some(id) = q.get("machine_id").filter(|m| !m.is_empty()) {
+        targets.push((machine_agent(&state, &app, id).await?, id.to_string()));
+    } else {
+        for a in state.agents() {
+            for m in a.list_machines(&app).await? {
+                if region.is_none_or(|r| m.region == r) {
+                    targets.push((a.clone(), m.id));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (a, id) in targets {
+        match a.logs(&app, &id, since).await {
+            Ok(lines) => out.extend(lines.into_iter().map(|l| LogLine {
+                machine_id: l.machine_id,
+                region: l.region,
+                timestamp: l.timestamp,
+                stream: l.stream,
+                message: l.message,
+            })),
+            // Destroyed between listing and reading.
+            Err(AgentError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    out.sort_by_key(|l| l.timestamp);
+    Ok(Json(out))
+}

@@ -206,7 +206,7 @@ pub mod doc {
         machines::lease_show, machines::lease_create, machines::lease_release, machines::exec,
         machines::metadata_show, machines::metadata_replace, machines::metadata_merge,
         machines::metadata_key, machines::metadata_upsert, machines::metadata_delete,
-        machines::versions, machines::memory,
+        machines::versions, machines::memory, machines::logs,
         volumes::list, volumes::create, volumes::show, volumes::destroy, volumes::extend,
         volumes::snapshots,
         tokens::current, tokens::authenticate, tokens::authorize,

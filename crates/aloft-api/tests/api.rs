@@ -434,6 +434,47 @@ async fn machine_lifecycle() {
         .await;
     assert_eq!(r.body["limit_mb"], 256);
 
+    // logs of the app, filtered by machine, region and time.
+    let r = t
+        .call(Method::GET, "/v1/apps/flow/logs", Some(&tok), None)
+        .await;
+    let lines = r.body.as_array().unwrap();
+    assert!(lines.len() >= 4, "{}", r.body);
+    assert!(
+        lines
+            .windows(2)
+            .all(|w| w[0]["timestamp"].as_i64() <= w[1]["timestamp"].as_i64())
+    );
+    assert_eq!(lines[0]["message"], "launch started");
+    let last = lines.last().unwrap()["timestamp"].as_i64().unwrap();
+    let r = t
+        .call(
+            Method::GET,
+            &format!("/v1/apps/flow/logs?machine_id={id}&since={last}"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(r.body, serde_json::json!([]));
+    let r = t
+        .call(
+            Method::GET,
+            "/v1/apps/flow/logs?region=ams",
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(r.body, serde_json::json!([]));
+    let r = t
+        .call(
+            Method::GET,
+            "/v1/apps/flow/logs?since=yesterday",
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
     // update keeps the machine on its host, makes a new version.
     let before = t.call(Method::GET, &base, Some(&tok), None).await.body["instance_id"].clone();
     let r = t

@@ -453,10 +453,21 @@ impl AgentApi for FakeAgent {
         &self,
         app: &str,
         id: &str,
-        _since: Option<i64>,
+        since: Option<i64>,
     ) -> Result<Vec<LogLine>, AgentError> {
-        self.machine(app, id).await?;
-        Ok(vec![])
+        // One `system` line per event.
+        let m = self.machine(app, id).await?;
+        Ok(m.events
+            .iter()
+            .filter(|e| since.is_none_or(|s| e.timestamp > s))
+            .map(|e| LogLine {
+                machine_id: m.id.clone(),
+                region: m.region.clone(),
+                timestamp: e.timestamp,
+                stream: "system".into(),
+                message: format!("{} {}", e.kind, e.status),
+            })
+            .collect())
     }
 
     async fn metadata_get(
