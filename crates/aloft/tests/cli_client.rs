@@ -91,6 +91,13 @@ impl FakeAgent {
         m.state = MachineState::Started;
         m.updated_at = aloft_agent::rfc3339(now_ms());
         Self::event(m, "start", None);
+        let boot_line = LogLine {
+            machine_id: m.id.clone(),
+            region: m.region.clone(),
+            timestamp: now_ms(),
+            stream: "stdout".into(),
+            message: format!("booted {}", m.config.image),
+        };
         let unhealthy = m.config.image.contains("unhealthy");
         let mut names: Vec<String> = m.config.checks.keys().cloned().collect();
         for (i, s) in m.config.services.iter().enumerate() {
@@ -111,6 +118,10 @@ impl FakeAgent {
                 updated_at: m.updated_at.clone(),
             })
             .collect();
+        inner.logs.push(boot_line);
+        let Some(m) = inner.machines.get_mut(key) else {
+            return;
+        };
         // A machine that runs a one-off command exits at once.
         if let Some(cmd) = m.config.init.cmd.clone()
             && m.config.restart.as_ref().is_some_and(|r| r.policy == "no")
@@ -884,6 +895,34 @@ fn launch_then_deploy_creates_then_rolls() {
     assert_ne!(ms[0].instance_id, first.instance_id);
     assert_eq!(ms[0].config.image, "registry.local/web:v2");
 
+    // logs: both boots of the machine, oldest first, as JSON lines or text.
+    let out = h.ok(&["logs", "--json"]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let msgs: Vec<&str> = lines
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        msgs,
+        vec![
+            "booted registry.local/web:v1",
+            "booted registry.local/web:v2"
+        ]
+    );
+    assert!(lines.iter().all(|l| l["machine_id"] == first.id.as_str()));
+    let text = h.ok(&["logs", "--machine", &first.id]);
+    assert!(
+        text.contains(&format!(
+            "app[{}] ams [stdout] booted registry.local/web:v2",
+            first.id
+        )),
+        "{text}"
+    );
+    assert!(h.ok(&["logs", "--region", "syd"]).is_empty());
+
     // status shows the machine; --json has both the app and its machines.
     let text = h.ok(&["status"]);
     assert!(text.contains(&first.id) && text.contains("v2"), "{text}");
@@ -957,6 +996,10 @@ fn failing_release_command_stops_the_deploy() {
         "{err}"
     );
     assert!(err.contains("exited with code 1"), "{err}");
+    assert!(
+        err.contains("ran `bin/migrate --fail`: exit 1"),
+        "its logs are shown: {err}"
+    );
     let after = h.machines("web");
     assert_eq!(after.len(), 1, "the release machine is cleaned up");
     assert_eq!(
