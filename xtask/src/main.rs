@@ -3,6 +3,7 @@
 //! toolchain, Python, qemu-utils and git it installs everything else.
 
 mod bench;
+mod demo;
 mod setup;
 mod util;
 
@@ -81,20 +82,10 @@ fn test(extra: &[String]) -> Result<()> {
 fn demo(data_dir: Option<PathBuf>) -> Result<()> {
     let args = setup::SetupArgs { data_dir };
     let env = setup::run(&args)?;
-    util::step("building aloft");
+    util::step("building aloft (release)");
     util::cargo(&["build", "--release", "-p", "aloft"], &[])?;
-    println!();
-    println!("Set-up is complete and `aloft` is built (target/release/aloft).");
-    println!("Data directory: {}", env.data_dir.root().display());
-    println!();
-    println!("Not yet available: `aloft dev` (API + agent + proxy in one process) and the");
-    println!("demo deployment are still being built (issues: boot, agent, Machines API, CLI).");
-    println!("What works today:");
-    println!(
-        "  target/release/aloft config validate -c ../shared/fly/flyctl-testdata/tomachine.toml"
-    );
-    println!(
-        "  target/release/aloft config machine -c ../shared/fly/flyctl-testdata/tomachine-processgroups.toml --group vpn --json"
-    );
-    Ok(())
+    util::step("building the guest init (static musl)");
+    setup::build_guest_init()?;
+    let repo = std::env::current_dir()?;
+    demo::run(&repo, &env.data_dir)
 }

@@ -1083,6 +1083,22 @@ impl Agent {
         self.inner.runtimes.lock().await.len()
     }
 
+    /// Stops every running machine gracefully, in parallel (for `aloft dev` exiting).
+    pub async fn stop_all(&self) {
+        let mut set = tokio::task::JoinSet::new();
+        for (app, m, _) in self.started_machines() {
+            let agent = self.clone();
+            set.spawn(async move {
+                let lock = agent.lock_for(&m.id);
+                let _held = lock.lock().await;
+                let _ = agent
+                    .stop_inner(&app, &m.id, StopOptions::default(), "flyd")
+                    .await;
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
     /// Stops supervising without touching the VMs (they keep running; a new agent
     /// re-attaches). For tests and graceful agent restarts.
     pub async fn detach_all(&self) {

@@ -12,6 +12,7 @@
 
 mod balance;
 pub mod body;
+pub mod catalog;
 mod clock;
 pub mod routes;
 mod scan;

@@ -37,6 +37,8 @@ enum Command {
     Image(cmd::image::ImageCommand),
     /// Run the edge proxy.
     Proxy(cmd::proxy::ProxyArgs),
+    /// Run everything on this host: API, agent and proxy per region, SQLite catalog.
+    Dev(cmd::dev::DevArgs),
     /// Create, list and destroy apps.
     #[command(subcommand)]
     Apps(cmd::apps::AppsCommand),
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Config(c) => cmd::config::run(c),
         Command::Image(c) => cmd::image::run(c, &data_dir),
         Command::Proxy(a) => cmd::proxy::run(a, &data_dir),
+        Command::Dev(a) => cmd::dev::run(a, &data_dir),
         Command::Apps(c) => cmd::apps::run(c, &data_dir),
         Command::Machine(a) => cmd::machine::run(a, &data_dir),
         Command::Deploy(a) => cmd::deploy::run(a, &data_dir),

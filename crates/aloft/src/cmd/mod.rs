@@ -6,6 +6,7 @@ pub mod client;
 pub mod common;
 pub mod config;
 pub mod deploy;
+pub mod dev;
 pub mod image;
 pub mod launch;
 pub mod logs;

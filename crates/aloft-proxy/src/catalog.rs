@@ -1,0 +1,183 @@
+//! The catalog-fed route source: apps and the machines their agents publish, turned
+//! into the same [`RoutesSpec`] the static routes file gives, and followed live
+//! through a store watch. Routing itself is identical in both modes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aloft_store::Store;
+use aloft_types::catalog::{AppRecord, MachineRecord};
+
+use crate::routes::{
+    AppSpec, Concurrency, ConcurrencyKind, MachineSpec, PortSpec, Routes, RoutesSpec, ServiceSpec,
+};
+
+/// Host names of an app: `<app><suffix>` (e.g. `hello.aloft.localhost`) and the bare name.
+pub fn app_hostnames(app: &str, suffix: &str) -> Vec<String> {
+    vec![format!("{app}{suffix}"), app.to_string()]
+}
+
+/// Builds the routes of every app from catalog records. Services come from the
+/// newest config among the app's machines; each machine is reached at the address its
+/// agent published for the first service's internal port.
+pub fn spec_from_catalog(
+    apps: &[AppRecord],
+    machines: &[MachineRecord],
+    suffix: &str,
+    region_order: &[String],
+) -> RoutesSpec {
+    let mut by_app: BTreeMap<&str, Vec<&MachineRecord>> = BTreeMap::new();
+    for m in machines {
+        by_app.entry(m.app.as_str()).or_default().push(m);
+    }
+    let mut out = RoutesSpec {
+        region_order: region_order.to_vec(),
+        apps: Vec::new(),
+    };
+    for app in apps {
+        let ms = by_app.remove(app.name.as_str()).unwrap_or_default();
+        let newest = ms
+            .iter()
+            .filter(|m| !m.machine.config.services.is_empty())
+            .max_by(|a, b| a.machine.instance_id.cmp(&b.machine.instance_id));
+        let services: Vec<ServiceSpec> = newest
+            .map(|m| {
+                m.machine
+                    .config
+                    .services
+                    .iter()
+                    .filter_map(|s| {
+                        let internal_port = u16::try_from(s.internal_port).ok()?;
+                        let concurrency =
+                            s.concurrency
+                                .as_ref()
+                                .map_or_else(Concurrency::default, |c| {
+                                    let d = Concurrency::default();
+                                    Concurrency {
+                                        kind: if c.kind == "requests" {
+                                            ConcurrencyKind::Requests
+                                        } else {
+                                            ConcurrencyKind::Connections
+                                        },
+                                        soft_limit: u32::try_from(c.soft_limit)
+                                            .ok()
+                                            .filter(|n| *n > 0)
+                                            .unwrap_or(d.soft_limit),
+                                        hard_limit: u32::try_from(c.hard_limit)
+                                            .ok()
+                                            .filter(|n| *n > 0)
+                                            .unwrap_or(d.hard_limit),
+                                    }
+                                });
+                        Some(ServiceSpec {
+                            internal_port,
+                            ports: s
+                                .ports
+                                .iter()
+                                .filter_map(|p| {
+                                    Some(PortSpec {
+                                        port: u16::try_from(p.port?).ok()?,
+                                        handlers: p.handlers.clone(),
+                                        force_https: p.force_https,
+                                    })
+                                })
+                                .collect(),
+                            concurrency,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let first_port = services.first().map(|s| s.internal_port);
+        let machine_specs = ms
+            .iter()
+            .filter_map(|m| {
+                let address = m
+                    .addresses
+                    .iter()
+                    .find(|a| Some(a.internal_port) == first_port)
+                    .or_else(|| m.addresses.first())?
+                    .address
+                    .clone();
+                Some(MachineSpec {
+                    id: m.machine.id.clone(),
+                    region: m.machine.region.clone(),
+                    address,
+                    state: m.machine.state.as_str().to_string(),
+                })
+            })
+            .collect();
+        out.apps.push(AppSpec {
+            name: app.name.clone(),
+            hostnames: app_hostnames(&app.name, suffix),
+            services,
+            machines: machine_specs,
+        });
+    }
+    out
+}
+
+async fn load(
+    store: &dyn Store,
+    suffix: &str,
+    region_order: &[String],
+) -> Result<(RoutesSpec, u64), aloft_store::StoreError> {
+    let apps = store.list("apps/").await?;
+    let machines = store.list("machines/").await?;
+    let apps: Vec<AppRecord> = apps
+        .entries
+        .iter()
+        .filter_map(|e| serde_json::from_slice(&e.value).ok())
+        .collect();
+    let ms: Vec<MachineRecord> = machines
+        .entries
+        .iter()
+        .filter_map(|e| serde_json::from_slice(&e.value).ok())
+        .collect();
+    Ok((
+        spec_from_catalog(&apps, &ms, suffix, region_order),
+        machines.revision,
+    ))
+}
+
+/// Keeps `routes` equal to the catalog until the task is dropped: a full load, then a
+/// rebuild after every change (batched over a few milliseconds).
+pub async fn follow_catalog(
+    store: Arc<dyn Store>,
+    routes: Arc<Routes>,
+    suffix: String,
+    region_order: Vec<String>,
+) {
+    loop {
+        let (spec, revision) = match load(store.as_ref(), &suffix, &region_order).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("proxy: catalog read failed: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = routes.update(&spec) {
+            tracing::warn!("proxy: catalog routes rejected: {e}");
+        }
+        // Any change under the root prefix (apps/ or machines/) triggers a rebuild.
+        let Ok(mut watch) = store.watch("", revision).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        loop {
+            match watch.next().await {
+                Some(Ok(change))
+                    if change.key.starts_with("apps/") || change.key.starts_with("machines/") =>
+                {
+                    // Let a burst of changes settle, then rebuild from a fresh listing.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    break;
+                }
+                Some(Ok(_)) => continue,
+                _ => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! `aloft dev`: the whole platform in one process — SQLite catalog, one agent and one
+//! edge proxy per simulated region, and the Machines API — with its address, proxy
+//! and a dev token written to `<data-dir>/dev.json` for the CLI to find.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use aloft_agent::{Agent, AgentApi, AgentConfig};
+use aloft_proxy::{Listener, ProxyConfig, Routes};
+use aloft_store::{SqliteStore, Store};
+use aloft_types::datadir::DataDir;
+use aloft_vmm::{Accel, QemuVmm};
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::cmd::client::SavedEndpoint;
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Where the Machines API listens.
+    #[arg(long, default_value = "127.0.0.1:4280")]
+    pub api_listen: SocketAddr,
+    /// Where the first region's edge proxy listens (public port 80 for routing); each
+    /// further region's proxy takes the next port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub proxy_listen: SocketAddr,
+    /// Simulated regions, one agent and one proxy each.
+    #[arg(long, value_delimiter = ',', default_value = "local")]
+    pub regions: Vec<String>,
+    /// Memory machines may commit on each simulated host (MB).
+    #[arg(long, default_value_t = 8192)]
+    pub memory_mb: u64,
+    /// Host name suffix the proxy routes (`<app><suffix>`).
+    #[arg(long, default_value = ".aloft.localhost")]
+    pub host_suffix: String,
+    /// Registries reached over plain HTTP besides loopback ones.
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// Leave machines running when `aloft dev` exits (the next run re-attaches).
+    #[arg(long)]
+    pub keep_machines: bool,
+    /// Accelerator: auto (KVM when it works, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    pub accel: String,
+}
+
+/// Finds the static guest init: `ALOFT_INIT_BIN`, then next to this binary, then the
+/// musl build directory of the workspace this binary was built in.
+pub fn find_init_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ALOFT_INIT_BIN") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("ALOFT_INIT_BIN={} does not exist", p.display());
+    }
+    let exe = std::env::current_exe().context("cannot find this binary's path")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let mut candidates = vec![dir.join("aloft-init")];
+    for profile in ["release", "debug"] {
+        candidates.push(
+            dir.join("..")
+                .join("x86_64-unknown-linux-musl")
+                .join(profile)
+                .join("aloft-init"),
+        );
+        candidates.push(
+            dir.join("../..")
+                .join("x86_64-unknown-linux-musl")
+                .join(profile)
+                .join("aloft-init"),
+        );
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no static aloft-init found (set ALOFT_INIT_BIN, or build it: \
+             cargo build --release -p aloft-init --target x86_64-unknown-linux-musl)"
+        )
+    })
+}
+
+pub fn run(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(serve(args, data_dir))
+}
+
+async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
+    let root = data_dir.root().to_path_buf();
+    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    let kernel_dir = data_dir.kernel_dir();
+    if !kernel_dir.join("vmlinux").is_file() {
+        bail!(
+            "no guest kernel in {} (run `cargo xtask setup`, or `cargo xtask setup --data-dir {}`)",
+            kernel_dir.display(),
+            root.display()
+        );
+    }
+    let init_bin = find_init_bin()?;
+    let accel = match args.accel.as_str() {
+        "auto" => Accel::Auto,
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        other => bail!("--accel {other:?}: use auto, kvm or tcg"),
+    };
+    let mut regions = args.regions.clone();
+    regions.retain(|r| !r.is_empty());
+    if regions.is_empty() {
+        bail!("--regions needs at least one region");
+    }
+
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(data_dir.catalog_db())
+            .await
+            .with_context(|| format!("cannot open {}", data_dir.catalog_db().display()))?,
+    );
+    let mut agents: Vec<Agent> = Vec::new();
+    for region in &regions {
+        let cfg = AgentConfig {
+            host_id: format!("{region}-1"),
+            region: region.clone(),
+            data_dir: root.clone(),
+            kernel_dir: kernel_dir.clone(),
+            init_bin: init_bin.clone(),
+            memory_mb_total: args.memory_mb,
+            cpus_total: std::thread::available_parallelism().map_or(2, |n| n.get() as u32) * 4,
+            accel,
+            forward_addr: "127.0.0.1".into(),
+            pull: aloft_image::PullOptions {
+                insecure_registries: args.insecure_registries.clone(),
+                ..Default::default()
+            },
+            tcg_tb_size_mb: Some(32),
+        };
+        let agent = Agent::open(cfg, store.clone(), Arc::new(QemuVmm))
+            .await
+            .map_err(|e| anyhow::anyhow!("agent for region {region}: {e}"))?;
+        agents.push(agent);
+    }
+    let agent_apis: Vec<Arc<dyn AgentApi>> = agents
+        .iter()
+        .map(|a| Arc::new(a.clone()) as Arc<dyn AgentApi>)
+        .collect();
+    let state = aloft_api::ApiState::new(store.clone(), agent_apis, &root)
+        .await
+        .context("cannot start the API")?;
+    let token = aloft_api::create_token(
+        &state,
+        "aloft dev",
+        "personal",
+        None,
+        aloft_api::Role::Admin,
+    )
+    .await
+    .context("cannot create the dev token")?;
+
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the API", args.api_listen))?;
+    let api_addr = api_listener.local_addr()?;
+    let router = aloft_api::router(state);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut api_stop = stop_rx.clone();
+    let api_task = tokio::spawn(async move {
+        axum::serve(api_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = api_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let mut proxy_tasks = Vec::new();
+    let mut proxy_addrs = Vec::new();
+    for (i, region) in regions.iter().enumerate() {
+        let mut addr = args.proxy_listen;
+        addr.set_port(args.proxy_listen.port() + i as u16);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for the {region} proxy"))?;
+        let local = listener.local_addr()?;
+        proxy_addrs.push((region.clone(), local));
+        let routes = Arc::new(Routes::new(region.clone()));
+        let order: Vec<String> = regions.iter().filter(|r| *r != region).cloned().collect();
+        tokio::spawn(aloft_proxy::catalog::follow_catalog(
+            store.clone(),
+            routes.clone(),
+            args.host_suffix.clone(),
+            order,
+        ));
+        let mut stop = stop_rx.clone();
+        proxy_tasks.push(tokio::spawn(aloft_proxy::serve(
+            vec![Listener {
+                listener,
+                public_port: 80,
+            }],
+            routes,
+            ProxyConfig::default(),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )));
+    }
+
+    let api_url = format!("http://{api_addr}");
+    let proxy = proxy_addrs
+        .first()
+        .map(|(_, a)| format!("http://{a}"))
+        .unwrap_or_default();
+    let endpoint = SavedEndpoint {
+        api_url: api_url.clone(),
+        token: token.token.clone(),
+        proxy: Some(proxy.clone()),
+    };
+    let dev_json = data_dir.dev_json();
+    let tmp = dev_json.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoint)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    set_private(&tmp);
+    std::fs::rename(&tmp, &dev_json)
+        .with_context(|| format!("cannot write {}", dev_json.display()))?;
+
+    println!("aloft dev is running (data in {})", root.display());
+    println!("  API:    {api_url}  (token in {})", dev_json.display());
+    for (region, addr) in &proxy_addrs {
+        println!(
+            "  proxy:  http://{addr}  region {region}  (apps answer as <app>{})",
+            args.host_suffix
+        );
+    }
+    println!(
+        "  export ALOFT_API_URL={api_url} ALOFT_API_TOKEN={}",
+        token.token
+    );
+    println!("Press Ctrl-C to stop.");
+
+    wait_for_signal().await;
+    println!("aloft dev: stopping");
+    let _ = stop_tx.send(true);
+    for t in proxy_tasks {
+        let _ = t.await;
+    }
+    let _ = api_task.await;
+    if !args.keep_machines {
+        for agent in &agents {
+            agent.stop_all().await;
+        }
+    }
+    let _ = std::fs::remove_file(&dev_json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn set_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
