@@ -235,8 +235,15 @@ pub fn run() -> Result<()> {
         (None, None)
     };
 
-    step("building aloft (release)");
-    cargo(&["build", "--release", "-q", "-p", "aloft"], &[])?;
+    // ALOFT_BIN runs an already built binary (e.g. from a clean checkout) instead.
+    let aloft = match std::env::var_os("ALOFT_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            step("building aloft (release)");
+            cargo(&["build", "--release", "-q", "-p", "aloft"], &[])?;
+            workspace_root().join("target/release/aloft")
+        }
+    };
     cargo(
         &[
             "build",
@@ -249,9 +256,7 @@ pub fn run() -> Result<()> {
         ],
         &[],
     )?;
-    let release = workspace_root().join("target/release");
-    let aloft = release.join("aloft");
-    let client = release.join("examples/fixed_rate");
+    let client = workspace_root().join("target/release/examples/fixed_rate");
 
     let tmp = tempfile::Builder::new()
         .prefix("aloft-bench-proxy")
