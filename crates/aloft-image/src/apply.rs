@@ -73,14 +73,14 @@ pub enum ApplyError {
         expected: String,
         actual: String,
     },
-    #[error("layer {layer}: entry {path:?}: {source}")]
+    #[error("layer {layer}: entry {path:?}")]
     Io {
         layer: String,
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("layer {layer}: unreadable tar stream: {source}")]
+    #[error("layer {layer}: unreadable tar stream")]
     Tar {
         layer: String,
         #[source]

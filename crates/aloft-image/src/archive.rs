@@ -20,7 +20,7 @@ const SMALL: u64 = 4 << 20;
 /// An archive could not be imported.
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -42,12 +42,9 @@ pub enum ImportError {
     NoImage { path: PathBuf, reason: String },
     #[error("{path}: unsafe file name {name:?} in the archive metadata")]
     UnsafeName { path: PathBuf, name: String },
-    #[error("{path}: {source}")]
-    Blob {
-        path: PathBuf,
-        #[source]
-        source: BlobError,
-    },
+    /// The blob error is part of the message (it names the digest).
+    #[error("{path}: {error}")]
+    Blob { path: PathBuf, error: BlobError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -138,7 +135,7 @@ impl<'a> Archive<'a> {
                     .ingest(&mut entry, expected.as_deref().map(|d| (d, Some(size))))
                     .map_err(|source| ImportError::Blob {
                         path: path.to_path_buf(),
-                        source,
+                        error: source,
                     })?;
                 big.insert(name, got);
             }
@@ -199,7 +196,7 @@ impl<'a> Archive<'a> {
         })?;
         let blob_err = |source| ImportError::Blob {
             path: self.path.clone(),
-            source,
+            error: source,
         };
         let expected = expected
             .map(|(d, s)| (d.to_string(), s))
@@ -402,7 +399,7 @@ pub fn import(
                 .read(&digest)
                 .map_err(|source| ImportError::Blob {
                     path: path.to_path_buf(),
-                    source,
+                    error: source,
                 })?;
             let nested = is_index(&desc.media_type)
                 || serde_json::from_slice::<serde_json::Value>(&raw)
@@ -425,7 +422,7 @@ pub fn import(
             .read(&manifest_desc.digest)
             .map_err(|source| ImportError::Blob {
                 path: path.to_path_buf(),
-                source,
+                error: source,
             })?;
         let manifest: OciManifest = archive.json(&manifest_desc.digest, &raw)?;
         let (config_digest, _) = archive.blob(
@@ -462,7 +459,7 @@ pub fn import(
     });
     let record = store.build(&plan, progress)?;
     for t in &tags {
-        store.tag(t, &record.digest)?;
+        store.tag(t, &record.digest, None)?;
     }
     progress(&Progress::Done {
         digest: record.digest.clone(),
@@ -474,7 +471,7 @@ pub fn import(
 fn blob_name(digest: &str) -> Result<String, ImportError> {
     let hex = digest_hex(digest).map_err(|source| ImportError::Blob {
         path: PathBuf::new(),
-        source,
+        error: source,
     })?;
     Ok(format!("blobs/sha256/{hex}"))
 }

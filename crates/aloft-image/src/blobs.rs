@@ -29,7 +29,7 @@ pub enum BlobError {
     },
     #[error("blob {digest} is not in the store")]
     NotFound { digest: String },
-    #[error("blob store I/O on {path}: {source}")]
+    #[error("blob store I/O on {path}")]
     Io {
         path: PathBuf,
         #[source]

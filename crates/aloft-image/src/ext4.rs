@@ -8,7 +8,7 @@ use std::process::Command;
 /// Building an ext4 image failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Ext4Error {
-    #[error("could not run mkfs.ext4 (install e2fsprogs): {0}")]
+    #[error("could not run mkfs.ext4 (install e2fsprogs)")]
     Spawn(#[source] io::Error),
     #[error("mkfs.ext4 failed building {path}: {status}: {stderr}")]
     Mkfs {
@@ -16,7 +16,7 @@ pub enum Ext4Error {
         status: std::process::ExitStatus,
         stderr: String,
     },
-    #[error("ext4 image {path}: {source}")]
+    #[error("ext4 image {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -75,7 +75,7 @@ pub enum PullError {
     NotFound { reference: String, registry: String },
     #[error("cannot reach registry {registry}: {reason}")]
     Unreachable { registry: String, reason: String },
-    #[error("registry {registry} failed for {reference}: {source}")]
+    #[error("registry {registry} failed for {reference}")]
     Registry {
         reference: String,
         registry: String,
@@ -84,7 +84,7 @@ pub enum PullError {
     },
     #[error("downloading blob {digest}: {reason}")]
     Download { digest: String, reason: String },
-    #[error("blob {digest}: {source}")]
+    #[error("storing blob {digest}")]
     Blob {
         digest: String,
         #[source]
@@ -94,6 +94,8 @@ pub enum PullError {
     DockerConfig { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("cannot set up an HTTP client for {registry}: {reason}")]
+    Client { registry: String, reason: String },
     #[error("internal task failure: {0}")]
     Task(String),
 }
@@ -276,6 +278,23 @@ pub async fn pull(
     opts: &PullOptions,
     progress: ProgressFn,
 ) -> Result<Pulled, PullError> {
+    // Fast path for a cached tag on a plain-HTTP registry, before anything costly
+    // (parsing with the full reference grammar compiles a large regex; building the
+    // registry client loads the system root store).
+    if let Some(q) = QuickRef::parse(reference)
+        && (is_loopback_registry(&q.registry) || opts.insecure_registries.contains(&q.registry))
+        && let Some(rec) = revalidate(store, &q).await
+    {
+        progress(&Progress::Done {
+            digest: rec.digest.clone(),
+            cached: true,
+        });
+        return Ok(Pulled {
+            record: rec,
+            reference: q.whole(),
+            cached: true,
+        });
+    }
     let r: Reference =
         reference
             .parse()
@@ -289,13 +308,33 @@ pub async fn pull(
     if is_loopback_registry(&registry) {
         insecure.push(registry.clone());
     }
-    let client = Client::new(ClientConfig {
+    // A plain-HTTP registry only needs roots for a token server elsewhere: the
+    // compiled-in Mozilla roots spare loading the system store (~40 ms of CPU), which
+    // keeps a cached pull from a local registry fast.
+    let plain_http = insecure.iter().any(|r| r == &registry);
+    let tls_certs_only = if plain_http {
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Der,
+                data: c.to_vec(),
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let client = Client::try_from(ClientConfig {
         protocol: ClientProtocol::HttpsExcept(insecure),
+        tls_certs_only,
         platform_resolver: Some(Box::new(linux_amd64_resolver)),
         connect_timeout: Some(opts.connect_timeout),
         read_timeout: Some(Duration::from_secs(120)),
         ..Default::default()
-    });
+    })
+    .map_err(|e| PullError::Client {
+        registry: registry.clone(),
+        reason: e.to_string(),
+    })?;
     let auth = match &opts.credentials {
         Credentials::Anonymous => RegistryAuth::Anonymous,
         Credentials::Basic { username, password } => {
@@ -304,7 +343,7 @@ pub async fn pull(
         Credentials::DockerConfig => docker_config_auth(opts, &registry)?,
     };
 
-    let (manifest, manifest_digest, _list) = client
+    let (manifest, manifest_digest, list_digest) = client
         .pull_image_manifest_and_list_digest(&r, &auth)
         .await
         .map_err(|e| classify(e, &r))?;
@@ -328,8 +367,9 @@ pub async fn pull(
         layers: plan.layers.len(),
     });
     let tag = r.whole();
+    let resolved = list_digest.unwrap_or_else(|| manifest_digest.clone());
     let done = |record: ImageRecord, cached: bool| -> Result<Pulled, PullError> {
-        store.tag(&tag, &record.digest)?;
+        store.tag(&tag, &record.digest, Some(&resolved))?;
         progress(&Progress::Done {
             digest: record.digest.clone(),
             cached,
@@ -407,6 +447,129 @@ pub async fn pull(
         .await
         .map_err(|e| PullError::Task(e.to_string()))??;
     done(record, false)
+}
+
+/// A reference split by hand the way Docker normalises names, for the cache fast
+/// path only: anything unusual gives `None` and the full parser takes over.
+#[derive(Debug, PartialEq, Eq)]
+struct QuickRef {
+    registry: String,
+    repository: String,
+    tag: Option<String>,
+    digest: Option<String>,
+}
+
+impl QuickRef {
+    fn parse(s: &str) -> Option<Self> {
+        let (name_tag, digest) = match s.split_once('@') {
+            Some((n, d)) => {
+                crate::blobs::digest_hex(d).ok()?;
+                (n, Some(d.to_string()))
+            }
+            None => (s, None),
+        };
+        let (name, tag) = match name_tag.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, Some(t.to_string())),
+            _ => (name_tag, None),
+        };
+        let tag = match (tag, &digest) {
+            (None, None) => Some("latest".to_string()),
+            (t, _) => t,
+        };
+        if let Some(t) = &tag
+            && (t.is_empty()
+                || t.len() > 128
+                || !t
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)))
+        {
+            return None;
+        }
+        let (mut registry, mut repository) = match name.split_once('/') {
+            Some((l, r)) if l.contains('.') || l.contains(':') || l == "localhost" => {
+                (l.to_string(), r.to_string())
+            }
+            _ => ("docker.io".to_string(), name.to_string()),
+        };
+        if registry == "index.docker.io" {
+            registry = "docker.io".into();
+        }
+        if registry == "docker.io" && !repository.contains('/') {
+            repository = format!("library/{repository}");
+        }
+        let repo_ok = !repository.is_empty()
+            && repository
+                .bytes()
+                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' | b'/'));
+        let reg_ok = registry
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".:-[]".contains(&b));
+        (repo_ok && reg_ok).then_some(Self {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
+    }
+
+    /// The same string as `oci_client::Reference::whole()`.
+    fn whole(&self) -> String {
+        let mut s = format!("{}/{}", self.registry, self.repository);
+        if let Some(t) = &self.tag {
+            s = format!("{s}:{t}");
+        }
+        if let Some(d) = &self.digest {
+            s = format!("{s}@{d}");
+        }
+        s
+    }
+}
+
+/// Accept header for manifest requests: indexes and image manifests, OCI and Docker.
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// The cached image of a tag pulled earlier from a plain-HTTP registry, if the
+/// registry still serves the same manifest for it: one anonymous HEAD request, no
+/// TLS set-up (building the registry client loads the system root store, tens of
+/// milliseconds). Any doubt (no record, auth needed, other digest) returns `None`
+/// and the full path decides.
+async fn revalidate(store: &ImageStore, r: &QuickRef) -> Option<ImageRecord> {
+    let (image, resolved) = store.tag_target(&r.whole()).ok()??;
+    let resolved = resolved?;
+    let current = match &r.digest {
+        Some(d) => d.clone(),
+        None => head_manifest_digest(&r.registry, r).await?,
+    };
+    if current != resolved {
+        return None;
+    }
+    store.cached(&image)
+}
+
+async fn head_manifest_digest(registry: &str, r: &QuickRef) -> Option<String> {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client as HttpClient;
+    use hyper_util::rt::TokioExecutor;
+    let what = r.tag.as_deref()?;
+    let uri = format!("http://{registry}/v2/{}/manifests/{what}", r.repository);
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let req = http::Request::head(uri)
+        .header(http::header::ACCEPT, MANIFEST_ACCEPT)
+        .body(Empty::new())
+        .ok()?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .ok()?
+        .ok()?;
+    if resp.status() != http::StatusCode::OK {
+        return None;
+    }
+    let digest = resp.headers().get("docker-content-digest")?.to_str().ok()?;
+    crate::blobs::digest_hex(digest).ok()?;
+    Some(digest.to_string())
 }
 
 /// Downloads one blob into the store, resuming a partial download if one exists.
@@ -489,6 +652,29 @@ async fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quick_reference_matches_the_full_parser() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        for r in [
+            "busybox".to_string(),
+            "busybox:1.36".into(),
+            "library/busybox".into(),
+            "index.docker.io/x/y:z".into(),
+            "127.0.0.1:5000/app".into(),
+            "127.0.0.1:5000/team/app:v1.2_3".into(),
+            "localhost/app:1".into(),
+            format!("127.0.0.1:5000/app@{d}"),
+            format!("127.0.0.1:5000/app:1@{d}"),
+        ] {
+            let full: Reference = r.parse().unwrap();
+            let quick = QuickRef::parse(&r).unwrap();
+            assert_eq!(quick.whole(), full.whole(), "{r}");
+        }
+        for bad in ["UPPER/case", "a:b:c/d:", "x@sha256:12"] {
+            assert!(QuickRef::parse(bad).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn loopback_detection() {

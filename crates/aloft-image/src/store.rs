@@ -133,7 +133,7 @@ pub enum StoreError {
     BadConfig { digest: String, reason: String },
     #[error("no image matches {reference:?}")]
     NotFound { reference: String },
-    #[error("image cache I/O on {path}: {source}")]
+    #[error("image cache I/O on {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -158,7 +158,12 @@ pub struct GcReport {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct TagIndex {
+    /// tag → image digest.
     tags: BTreeMap<String, String>,
+    /// tag → the manifest (or index) digest the registry served for it, used to
+    /// revalidate a cached tag with one HEAD request.
+    #[serde(default)]
+    resolved: BTreeMap<String, String>,
 }
 
 /// The image cache of one data directory.
@@ -336,16 +341,32 @@ impl ImageStore {
         Ok(out)
     }
 
-    /// Points `tag` (a normalised reference) at `digest`.
-    pub fn tag(&self, tag: &str, digest: &str) -> Result<(), StoreError> {
+    /// Points `tag` (a normalised reference) at `digest`; `resolved` is the
+    /// manifest digest a registry served for the tag, when it came from one.
+    pub fn tag(&self, tag: &str, digest: &str, resolved: Option<&str>) -> Result<(), StoreError> {
+        let index = self.read_index()?;
+        if index.tags.get(tag).map(String::as_str) == Some(digest)
+            && index.resolved.get(tag).map(String::as_str) == resolved
+        {
+            return Ok(());
+        }
         self.update_index(|i| {
             i.tags.insert(tag.to_string(), digest.to_string());
+            match resolved {
+                Some(r) => i.resolved.insert(tag.to_string(), r.to_string()),
+                None => i.resolved.remove(tag),
+            };
         })
     }
 
-    /// The image digest a tag points at.
-    pub fn tag_target(&self, tag: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.read_index()?.tags.get(tag).cloned())
+    /// The image digest a tag points at, and the manifest digest it was resolved
+    /// from (when pulled).
+    pub fn tag_target(&self, tag: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+        let index = self.read_index()?;
+        Ok(index
+            .tags
+            .get(tag)
+            .map(|d| (d.clone(), index.resolved.get(tag).cloned())))
     }
 
     /// Every complete cached image, with its tags.
@@ -436,6 +457,9 @@ impl ImageStore {
                     }
                     keep
                 }),
+            }
+            for t in &removed {
+                i.resolved.remove(t);
             }
             removed
         })

@@ -241,7 +241,7 @@ fn import(store: &ImageStore, args: ImportArgs) -> Result<ExitCode> {
     let imported = result?;
     let mut tags = imported.tags;
     if let Some(t) = extra {
-        store.tag(&t, &imported.record.digest)?;
+        store.tag(&t, &imported.record.digest, None)?;
         tags.push(t);
     }
     print_json(&image_out(&imported.record, tags, false))?;
