@@ -128,6 +128,29 @@ fn new_version() -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The environment variable naming a fault to inject: `OP:STEP` (e.g. `start:2`) makes
+/// the agent abort the instant after it records that step of that operation, as a
+/// SIGKILL would. For crash-safety tests only.
+pub const FAULT_ENV: &str = "ALOFT_AGENT_FAULT";
+
+static FAULT: std::sync::OnceLock<Option<(String, u32)>> = std::sync::OnceLock::new();
+
+/// Aborts the process here if `ALOFT_AGENT_FAULT` names this point.
+fn fault_point(op: &str, step: u32) {
+    let fault = FAULT.get_or_init(|| {
+        let v = std::env::var(FAULT_ENV).ok()?;
+        let (o, s) = v.split_once(':')?;
+        Some((o.to_string(), s.parse().ok()?))
+    });
+    if let Some((o, s)) = fault
+        && o == op
+        && *s == step
+    {
+        eprintln!("aloft-agent: injected fault at {op}:{step}");
+        std::process::abort();
+    }
+}
+
 fn internal(e: impl std::fmt::Display) -> AgentError {
     AgentError::Internal(e.to_string())
 }
@@ -542,17 +565,20 @@ impl Agent {
         m.state = MachineState::Starting;
         extra.stop_requested = false;
         self.save(app, &mut m, &extra).await?;
+        fault_point("start", 0);
 
         let result = async {
             let image = self.resolve_image(&m.config.image).await?;
             extra.image_digest = image.digest.clone();
             self.inner.db.op_step(id, 1).map_err(internal)?;
+            fault_point("start", 1);
             let volumes = self.machine_volumes(app, &m)?;
             extra.forwards = self.allocate_forwards(&m, &extra.forwards)?;
             let run = self.run_config(app, &m, &extra, &image, &volumes);
             let spec = self.vm_spec(&m, &run, &image.rootfs, &volumes, &extra.forwards);
             self.inner.vmm.prepare(&spec).await.map_err(internal)?;
             self.inner.db.op_step(id, 2).map_err(internal)?;
+            fault_point("start", 2);
             let vm: Arc<dyn Vm> = Arc::from(
                 self.inner
                     .vmm
@@ -565,6 +591,7 @@ impl Agent {
                 let _ = std::fs::remove_file(&resume_from);
             }
             self.inner.db.op_step(id, 3).map_err(internal)?;
+            fault_point("start", 3);
             let channel = match GuestChannel::connect(vm.ctl_socket(), BOOT_TIMEOUT).await {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
@@ -820,7 +847,10 @@ impl Agent {
         extra.stop_requested = true;
         m.state = MachineState::Stopping;
         self.save(app, &mut m, &extra).await?;
+        fault_point("stop", 0);
         self.halt(id, &m, &opts).await?;
+        self.inner.db.op_step(id, 1).map_err(internal)?;
+        fault_point("stop", 1);
         m.state = MachineState::Stopped;
         self.save(app, &mut m, &extra).await?;
         self.event(id, "stop", "stopped", source, None);
@@ -849,13 +879,18 @@ impl Agent {
         extra.stop_requested = true;
         m.state = MachineState::Destroying;
         self.save(app, &mut m, &extra).await?;
+        fault_point("destroy", 0);
         if let Some(rt) = self.inner.runtimes.lock().await.remove(id) {
             rt.supervisor.abort();
             rt.vm.kill();
             rt.vm.wait_exit(Duration::from_secs(5)).await;
         }
         self.kill_stray(id).await;
+        self.inner.db.op_step(id, 1).map_err(internal)?;
+        fault_point("destroy", 1);
         let _ = std::fs::remove_dir_all(self.machine_dir(id));
+        self.inner.db.op_step(id, 2).map_err(internal)?;
+        fault_point("destroy", 2);
         self.event(id, "destroy", "destroyed", source, None);
         self.inner.db.delete_machine(id).map_err(internal)?;
         let _ = self
@@ -902,6 +937,60 @@ impl Agent {
             let dir = self.machine_dir(&id);
             let attached = self.inner.vmm.attach(&dir).await.ok();
             match (op, attached) {
+                (Some("start"), None) => {
+                    // Interrupted before the VM came up: do the start again.
+                    let _ = self.inner.db.end_op(&id);
+                    let mut m = m;
+                    m.state = MachineState::Stopped;
+                    let _ = self.inner.db.put_machine(&app, &m, &extra);
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        let lock = agent.lock_for(&id);
+                        let _held = lock.lock().await;
+                        if let Err(e) = agent.boot(&app, &id, "flyd").await {
+                            tracing::warn!(machine = %id, "restarting an interrupted start failed: {e}");
+                        }
+                    });
+                }
+                (Some("update"), None) => {
+                    // The old VM is gone and the new config was not recorded: undo the
+                    // update by booting the machine as it was.
+                    let _ = self.inner.db.end_op(&id);
+                    let mut m = m;
+                    m.state = MachineState::Stopped;
+                    let _ = self.inner.db.put_machine(&app, &m, &extra);
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        let lock = agent.lock_for(&id);
+                        let _held = lock.lock().await;
+                        if let Err(e) = agent.boot(&app, &id, "flyd").await {
+                            tracing::warn!(machine = %id, "rolling back an interrupted update failed: {e}");
+                        }
+                    });
+                }
+                (Some("suspend"), Some(vm)) => {
+                    // The save did not finish: run the VM again as it was.
+                    let vm: Arc<dyn Vm> = Arc::from(vm);
+                    if vm.status().await.is_ok_and(|s| s != "running") {
+                        let _ = vm.resume().await;
+                    }
+                    let _ = std::fs::remove_file(
+                        self.machine_dir(&id)
+                            .join(aloft_vmm::VmFiles::STATE)
+                            .with_extension("partial"),
+                    );
+                    let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
+                        .await
+                        .ok()
+                        .map(Arc::new);
+                    let mut m = m;
+                    let mut extra = extra;
+                    m.state = MachineState::Started;
+                    extra.stop_requested = false;
+                    let _ = self.save(&app, &mut m, &extra).await;
+                    let _ = self.inner.db.end_op(&id);
+                    self.attach_runtime(&app, &id, vm, ch).await;
+                }
                 (Some("destroy"), _) => {
                     let _ = self.destroy_inner(&app, &id, true, "flyd").await;
                 }
@@ -919,7 +1008,10 @@ impl Agent {
                 (_, Some(vm))
                     if matches!(
                         m.state,
-                        MachineState::Started | MachineState::Starting | MachineState::Stopping
+                        MachineState::Started
+                            | MachineState::Starting
+                            | MachineState::Stopping
+                            | MachineState::Replacing
                     ) =>
                 {
                     // Still running: keep it, never restart it.
@@ -1297,7 +1389,10 @@ impl AgentApi for Agent {
             extra.stop_requested = true;
             m.state = MachineState::Replacing;
             self.save(app, &mut m, &extra).await?;
+            fault_point("update", 0);
             self.halt(id, &m, &StopOptions::default()).await?;
+            self.inner.db.op_step(id, 1).map_err(internal)?;
+            fault_point("update", 1);
         }
         let previous = m.instance_id.clone();
         m.config = req.config;
@@ -1407,6 +1502,7 @@ impl AgentApi for Agent {
         extra.stop_requested = true;
         m.state = MachineState::Suspending;
         self.save(app, &mut m, &extra).await?;
+        fault_point("suspend", 0);
         let state = self.machine_dir(id).join(aloft_vmm::VmFiles::STATE);
         match rt.vm.suspend(&state).await {
             Ok(()) => {

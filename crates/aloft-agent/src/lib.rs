@@ -11,7 +11,7 @@ mod db;
 mod health;
 mod volumes;
 
-pub use agent::{Agent, AgentConfig, rfc3339};
+pub use agent::{Agent, AgentConfig, FAULT_ENV, rfc3339};
 
 pub use api::{
     AgentApi, AgentError, CreateMachine, CreateVolume, ExecOutput, LogLine, StopOptions,
