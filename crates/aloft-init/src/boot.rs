@@ -213,6 +213,56 @@ pub fn write_files(cfg: &RunConfig) -> Result<(), BootError> {
     Ok(())
 }
 
+/// Where the swap file of `init.swap_size_mb` lives (on the root disk's overlay).
+pub const SWAP_FILE: &str = "/swapfile";
+
+/// The first page of a swap area (what mkswap writes): version 1, the last usable
+/// page, no bad pages, and the `SWAPSPACE2` magic at the end of the page.
+pub fn swap_header(size_bytes: u64, page: usize) -> Vec<u8> {
+    let mut h = vec![0u8; page];
+    let last_page = (size_bytes / page as u64).saturating_sub(1) as u32;
+    h[1024..1028].copy_from_slice(&1u32.to_le_bytes());
+    h[1028..1032].copy_from_slice(&last_page.to_le_bytes());
+    h[page - 10..].copy_from_slice(b"SWAPSPACE2");
+    h
+}
+
+/// Creates and enables a swap file of `init.swap_size_mb` MiB, if asked for.
+pub fn swap(cfg: &RunConfig) -> Result<(), BootError> {
+    let Some(mb) = cfg.config.init.swap_size_mb.filter(|mb| *mb > 0) else {
+        return Ok(());
+    };
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let what = format_args!("swap file {SWAP_FILE} of {mb} MiB");
+    let size = (mb as u64) << 20;
+    let _ = fs::remove_file(SWAP_FILE);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(SWAP_FILE)
+        .map_err(|e| err(what, e))?;
+    // SAFETY: fallocate on a file we own, with a range inside i64.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if r < 0 {
+        return Err(err(what, io::Error::last_os_error()));
+    }
+    // SAFETY: sysconf has no memory arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    f.write_all(&swap_header(size, page))
+        .map_err(|e| err(what, e))?;
+    f.sync_all().map_err(|e| err(what, e))?;
+    drop(f);
+    let path = std::ffi::CString::new(SWAP_FILE).map_err(|e| err(what, e))?;
+    // SAFETY: NUL-terminated path, no flags.
+    if unsafe { libc::swapon(path.as_ptr(), 0) } < 0 {
+        return Err(err(what, io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// The text of /etc/hosts.
 pub fn hosts_file(cfg: &RunConfig) -> String {
     let name = cfg.hostname();
@@ -317,6 +367,16 @@ mod tests {
     use super::*;
     use aloft_types::guest::{ExtraHost, InterfaceConfig};
     use aloft_types::machine::DnsConfig;
+
+    #[test]
+    fn swap_header_layout() {
+        let h = swap_header(16 << 20, 4096);
+        assert_eq!(h.len(), 4096);
+        assert_eq!(&h[4086..], b"SWAPSPACE2");
+        assert_eq!(u32::from_le_bytes(h[1024..1028].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(h[1028..1032].try_into().unwrap()), 4095);
+        assert!(h[..1024].iter().all(|b| *b == 0));
+    }
 
     #[test]
     fn hosts_and_resolv() {

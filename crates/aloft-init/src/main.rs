@@ -89,6 +89,11 @@ fn main() {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
     };
+    if let Err(e) = boot::swap(&cfg) {
+        let message = format!("continuing without swap: {e}");
+        eprintln!("aloft-init: {message}");
+        port.send(&GuestMessage::Error { message });
+    }
     let now = sys::uptime_ms();
     port.send(&GuestMessage::InitStarted { uptime_ms: now });
     let steps: Vec<String> = phases
@@ -569,6 +574,14 @@ impl Init {
                     request_id,
                     key,
                     value,
+                });
+            }
+            HostMessage::MetadataDelete { request_id, key } => {
+                self.metadata.remove(&key);
+                self.port.send(&GuestMessage::MetadataValue {
+                    request_id,
+                    key,
+                    value: None,
                 });
             }
             HostMessage::MetadataSet {

@@ -316,3 +316,47 @@ impl Port {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aloft_types::guest::Stream;
+
+    #[test]
+    fn logs_are_bounded_while_the_host_is_away_and_other_frames_kept() {
+        let mut p = Port::new(0);
+        p.send(&GuestMessage::AppStarted {
+            pid: 7,
+            uptime_ms: 1,
+        });
+        let line = "x".repeat(1000);
+        for i in 0..3000 {
+            p.send(&GuestMessage::Log {
+                stream: Stream::Stdout,
+                ts_ms: i,
+                line: line.clone(),
+            });
+        }
+        p.send(&GuestMessage::Exit {
+            code: Some(0),
+            signal: None,
+            oom: false,
+        });
+        assert!(p.queued_log_bytes <= LOG_BUFFER_BYTES);
+        assert!(p.dropped_logs > 1000, "{}", p.dropped_logs);
+        let first = &p.queue.front().unwrap().bytes[4..];
+        assert!(String::from_utf8_lossy(first).contains("AppStarted"));
+        let last = &p.queue.back().unwrap().bytes[4..];
+        assert!(String::from_utf8_lossy(last).contains("Exit"));
+        // The newest log lines survive, the oldest went first.
+        let second = String::from_utf8_lossy(&p.queue[1].bytes[4..]).to_string();
+        assert!(!second.contains("\"ts_ms\":0,"), "{second}");
+        let kept: usize = p
+            .queue
+            .iter()
+            .filter(|f| f.droppable)
+            .map(|f| f.bytes.len())
+            .sum();
+        assert_eq!(kept, p.queued_log_bytes);
+    }
+}

@@ -281,6 +281,7 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
         ..Default::default()
     });
     cfg.config.metadata.insert("role".into(), "primary".into());
+    cfg.config.init.swap_size_mb = Some(16);
     cfg.network = NetworkConfig {
         interfaces: vec![InterfaceConfig {
             name: "eth0".into(),
@@ -371,6 +372,18 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
         other => panic!("expected ExecFailed, got {other:?}"),
     }
 
+    // init.swap_size_mb
+    let r = g
+        .chan
+        .exec(&exec(&["cat", "/proc/swaps"]), STEP)
+        .await
+        .unwrap();
+    let swaps = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        swaps.lines().any(|l| l.starts_with("/swapfile ")),
+        "{swaps}"
+    );
+
     // Metadata: from the host, and from the app through /.fly/api.
     assert_eq!(
         g.chan.metadata_get("role", STEP).await.unwrap().as_deref(),
@@ -398,6 +411,13 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
             .unwrap()
             .as_deref(),
         Some("yes")
+    );
+    g.chan.metadata_delete("from-app", STEP).await.unwrap();
+    req.stdin = b"GET /v1/metadata/from-app HTTP/1.0\r\n\r\n".to_vec();
+    let r = g.chan.exec(&req, STEP).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&r.stdout).starts_with("HTTP/1.0 404"),
+        "{r:?}"
     );
 
     // An agent restart: a new client handshakes again and is served.

@@ -474,6 +474,11 @@ pub enum HostMessage {
         key: String,
         value: String,
     },
+    /// Answered with a `MetadataValue` whose value is `None`.
+    MetadataDelete {
+        request_id: u64,
+        key: String,
+    },
 }
 
 /// Why a frame could not be encoded or decoded.

@@ -428,6 +428,20 @@ impl GuestChannel {
         .map(drop)
     }
 
+    pub async fn metadata_delete(&self, key: &str, timeout: Duration) -> Result<(), ChannelError> {
+        let request_id = self.next_id();
+        self.metadata_request(
+            request_id,
+            HostMessage::MetadataDelete {
+                request_id,
+                key: key.to_string(),
+            },
+            timeout,
+        )
+        .await
+        .map(drop)
+    }
+
     async fn metadata_request(
         &self,
         request_id: u64,
@@ -717,6 +731,10 @@ mod tests {
                                 metadata.insert(key.clone(), value.clone());
                                 reply.push(GuestMessage::MetadataValue { request_id: *request_id, key: key.clone(), value: Some(value.clone()) });
                             }
+                            HostMessage::MetadataDelete { request_id, key } => {
+                                metadata.remove(key);
+                                reply.push(GuestMessage::MetadataValue { request_id: *request_id, key: key.clone(), value: None });
+                            }
                             HostMessage::Exec { id, cmd, .. } if cmd[0] == "missing" => reply.push(GuestMessage::ExecExit {
                                 id: *id, code: Some(127), signal: None, error: Some("not found".into()),
                             }),
@@ -775,6 +793,8 @@ mod tests {
             chan.metadata_get("role", t).await.unwrap().as_deref(),
             Some("primary")
         );
+        chan.metadata_delete("role", t).await.unwrap();
+        assert_eq!(chan.metadata_get("role", t).await.unwrap(), None);
 
         let r = chan
             .exec(
