@@ -81,6 +81,9 @@ pub struct TokenRecord {
     pub app: Option<String>,
     pub role: Role,
     pub created_at: String,
+    /// Unix seconds after which the token is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }
 
 /// Who is calling: the verified token's scope.
@@ -173,6 +176,12 @@ pub async fn ensure_default_org(store: &dyn Store) -> Result<(), AuthError> {
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
@@ -185,6 +194,18 @@ pub async fn create_token(
     org: &str,
     app: Option<&str>,
     role: Role,
+) -> Result<NewToken, AuthError> {
+    create_token_expiring(state, name, org, app, role, None).await
+}
+
+/// [`create_token`] with a lifetime.
+pub async fn create_token_expiring(
+    state: &ApiState,
+    name: &str,
+    org: &str,
+    app: Option<&str>,
+    role: Role,
+    ttl: Option<std::time::Duration>,
 ) -> Result<NewToken, AuthError> {
     let store = state.store();
     if read_record::<OrgRecord>(store, &org_key(org))
@@ -213,6 +234,7 @@ pub async fn create_token(
         app: app.map(str::to_string),
         role,
         created_at: now_rfc3339(),
+        expires_at: ttl.map(|t| unix_now().saturating_add(t.as_secs())),
     };
     let key = token_key(&id);
     store
@@ -240,7 +262,7 @@ pub async fn verify_token(store: &dyn Store, token: &str) -> Result<Option<Princ
     let Some(rec) = read_record::<TokenRecord>(store, &token_key(id)).await? else {
         return Ok(None);
     };
-    if rec.hash != hash_secret(secret) {
+    if rec.hash != hash_secret(secret) || rec.expires_at.is_some_and(|e| e <= unix_now()) {
         return Ok(None);
     }
     Ok(Some(Principal {
@@ -265,6 +287,9 @@ fn needed_role(method: &Method, segs: &[&str]) -> Role {
         return Role::Readonly;
     }
     if method == Method::DELETE && segs.len() == 2 && segs[0] == "apps" {
+        return Role::Admin;
+    }
+    if segs.len() == 3 && segs[0] == "apps" && segs[2] == "deploy_token" {
         return Role::Admin;
     }
     Role::Deploy

@@ -5,6 +5,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
 
 use crate::error::ApiError;
 
@@ -24,18 +25,60 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             "invalid JSON body: expected an object, found a list".into(),
         ));
     }
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::BadRequest(format!("malformed JSON body: {inner}"))
-        } else if path == "." {
-            ApiError::BadRequest(format!("invalid JSON body: {inner}"))
-        } else {
-            ApiError::BadRequest(format!("invalid field `{path}`: {inner}"))
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
+    // Like Fly, ignore fields we do not know (some shapes refuse them): drop each one
+    // the decoder names and decode again.
+    for _ in 0..MAX_IGNORED_FIELDS {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let path = e.path().to_string();
+                let segments: Vec<Segment> = e.path().iter().cloned().collect();
+                let inner = e.into_inner();
+                if inner.to_string().starts_with("unknown field `")
+                    && remove_at(&mut value, &segments)
+                {
+                    tracing::debug!(field = %path, "ignoring unknown field in request body");
+                    continue;
+                }
+                return Err(if path == "." {
+                    ApiError::BadRequest(format!("invalid JSON body: {inner}"))
+                } else {
+                    ApiError::BadRequest(format!("invalid field `{path}`: {inner}"))
+                });
+            }
         }
-    })
+    }
+    Err(ApiError::BadRequest(format!(
+        "request body has more than {MAX_IGNORED_FIELDS} unknown fields"
+    )))
+}
+
+/// How many unknown fields one body may carry before it is refused.
+const MAX_IGNORED_FIELDS: usize = 64;
+
+/// Removes the object member `path` names (its last segment is the key).
+fn remove_at(value: &mut serde_json::Value, path: &[Segment]) -> bool {
+    let Some((Segment::Map { key }, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut cur = value;
+    for seg in parents {
+        cur = match (seg, cur) {
+            (Segment::Map { key }, serde_json::Value::Object(m)) => match m.get_mut(key) {
+                Some(v) => v,
+                None => return false,
+            },
+            (Segment::Seq { index }, serde_json::Value::Array(a)) => match a.get_mut(*index) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    cur.as_object_mut()
+        .is_some_and(|m| m.remove(key.as_str()).is_some())
 }
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {

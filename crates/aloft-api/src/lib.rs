@@ -30,7 +30,7 @@ use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use axum::routing::{get, post, put};
 
-pub use auth::{NewToken, Principal, Role, create_token};
+pub use auth::{NewToken, Principal, Role, create_token, create_token_expiring};
 pub use error::ApiError;
 pub use secrets::app_secrets;
 
@@ -240,6 +240,8 @@ pub fn router(state: ApiState) -> Router {
                 .post(apps::secret_set)
                 .delete(apps::secret_delete),
         )
+        .route("/apps/{app_name}/deploy_token", post(tokens::deploy_token))
+        .route("/platform/regions", get(tokens::regions))
         .route("/tokens/current", get(tokens::current))
         .route("/tokens/authenticate", post(tokens::authenticate))
         .route("/tokens/authorize", post(tokens::authorize))

@@ -168,3 +168,85 @@ pub async fn authorize(
         },
     }))
 }
+
+/// Fly's `CreateAppDeployTokenRequest`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(default)]
+pub struct CreateAppDeployTokenRequest {
+    /// Lifetime as a Go duration ("720h"); none = no expiry.
+    pub expiry: Option<String>,
+}
+
+/// Fly's `CreateAppResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateAppResponse {
+    /// The token's only copy.
+    pub token: String,
+}
+
+/// A deploy token limited to this app (needs an admin token).
+#[utoipa::path(post, path = "/apps/{app_name}/deploy_token", tag = "Apps", operation_id = "App_create_deploy_token",
+    params(("app_name" = String, Path, description = "Fly App Name")),
+    request_body(content = CreateAppDeployTokenRequest, description = "Request body"),
+    responses((status = 200, description = "OK", body = CreateAppResponse)))]
+pub async fn deploy_token(
+    State(state): State<ApiState>,
+    axum::extract::Path(app): axum::extract::Path<String>,
+    Extension(who): Extension<Arc<Principal>>,
+    JsonBody(req): JsonBody<CreateAppDeployTokenRequest>,
+) -> Result<Json<CreateAppResponse>, ApiError> {
+    let ttl = match req.expiry.as_deref().filter(|e| !e.is_empty()) {
+        None => None,
+        Some(e) => Some(
+            crate::util::parse_go_duration(e)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "invalid field `expiry`: {e:?} is not a duration like \"720h\""
+                    ))
+                })?,
+        ),
+    };
+    let t = crate::auth::create_token_expiring(
+        &state,
+        &format!("deploy token for {app}"),
+        &who.org,
+        Some(&app),
+        Role::Deploy,
+        ttl,
+    )
+    .await?;
+    Ok(Json(CreateAppResponse { token: t.token }))
+}
+
+/// Fly's `main.regionRow` (what Aloft knows of a region: its code).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = main::regionRow)]
+pub struct RegionRow {
+    pub code: String,
+    pub name: String,
+}
+
+/// Fly's `main.regionResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = main::regionResponse)]
+pub struct RegionResponse {
+    pub regions: Vec<RegionRow>,
+}
+
+/// The regions served by this installation's hosts.
+#[utoipa::path(get, path = "/platform/regions", tag = "Platform", operation_id = "Platform_regions_get",
+    responses((status = 200, description = "OK", body = RegionResponse)))]
+pub async fn regions(State(state): State<ApiState>) -> Json<RegionResponse> {
+    let codes: std::collections::BTreeSet<&str> =
+        state.agents().iter().map(|a| a.region()).collect();
+    Json(RegionResponse {
+        regions: codes
+            .into_iter()
+            .map(|c| RegionRow {
+                code: c.to_string(),
+                name: c.to_string(),
+            })
+            .collect(),
+    })
+}
