@@ -200,6 +200,14 @@ impl BlobStore {
         })
     }
 
+    /// Bytes kept from an interrupted download of `digest` (0 if none).
+    pub fn partial_len(&self, digest: &str) -> u64 {
+        digest_hex(digest)
+            .ok()
+            .and_then(|hex| fs::metadata(self.root.join("partial").join(hex)).ok())
+            .map_or(0, |m| m.len())
+    }
+
     /// Copies `reader` into the store, checking it against `expected` when given.
     /// Returns the digest and size.
     pub fn ingest(

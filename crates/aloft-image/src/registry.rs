@@ -580,6 +580,25 @@ async fn download(
     desc: &OciDescriptor,
     progress: &ProgressFn,
 ) -> Result<(), PullError> {
+    let resumed = store.blobs().partial_len(&desc.digest) > 0;
+    match download_once(client, r, store, desc, progress).await {
+        // A resumed download whose earlier bytes were bad: the partial file is gone
+        // (the failed commit removed it), so one fresh attempt is worth it.
+        Err(PullError::Blob {
+            source: BlobError::DigestMismatch { .. },
+            ..
+        }) if resumed => download_once(client, r, store, desc, progress).await,
+        other => other,
+    }
+}
+
+async fn download_once(
+    client: &Client,
+    r: &Reference,
+    store: &ImageStore,
+    desc: &OciDescriptor,
+    progress: &ProgressFn,
+) -> Result<(), PullError> {
     let digest = desc.digest.clone();
     let size = u64::try_from(desc.size).ok();
     let blob_err = |source| PullError::Blob {

@@ -151,6 +151,16 @@ fn resume_and_present_blobs_are_skipped() {
     assert!(ev.iter().any(|e| matches!(e, Progress::LayerStart { digest, offset, .. } if digest == l1 && *offset == (b1.len() / 2) as u64)));
     assert!(debugfs(&p.record.rootfs, "stat /b").contains("Size: 200000"));
     assert!(!images.join("blobs/partial").join(&l1[7..]).exists());
+
+    // A partial download holding wrong bytes is detected and started over.
+    let images2 = tmp.path().join("images2");
+    let s2 = ImageStore::open(&images2).unwrap();
+    let mut bad = b1[..b1.len() / 2].to_vec();
+    bad[10] ^= 0xff;
+    std::fs::write(images2.join("blobs/partial").join(&l1[7..]), &bad).unwrap();
+    let p2 = pull(&s2, &format!("{}/two:1", reg.host()), &anon()).unwrap();
+    assert_eq!(p2.record.digest, p.record.digest);
+    assert!(s2.blobs().has(l1, Some(b1.len() as u64)));
 }
 
 #[test]
