@@ -93,7 +93,7 @@ fn busybox_root(work: &Path) -> PathBuf {
     std::fs::copy(busybox, tree.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "cat", "echo", "id", "pwd", "httpd", "sleep", "stty", "test", "hostname", "ls",
-        "true",
+        "true", "[",
     ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -500,24 +500,80 @@ async fn exit_code_oom_and_volume_flushed() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "persisted\n");
 }
 
+/// Waits until the serial console shows `needle` (the guest echoes app output there).
+async fn console_shows(vm: &dyn Vm, needle: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !vm.console_tail(200).contains(needle) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "console never showed {needle:?}:\n{}",
+            vm.console_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
-async fn power_button_stops_the_app_with_its_kill_signal() {
+async fn logs_kept_while_host_away_then_power_button_stops_with_kill_signal() {
     let mut cfg = base_config(
         "e2e-button",
         &[
             "/bin/sh",
             "-c",
-            "trap 'echo got-int; exit 0' INT; echo armed; sleep 1000 & wait",
+            "trap 'echo got-int; exit 0' INT; echo armed; \
+             (i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo tick $i; sleep 0.1; done) & \
+             sleep 1000 & wait",
         ],
     );
     cfg.kill_signal = "SIGINT".into();
-    let mut g = boot(&cfg, VmNetwork::None, vec![], 128).await;
+    let g = boot(&cfg, VmNetwork::None, vec![], 128).await;
+    // The host goes away (agent restart) while the app keeps logging.
+    let Guest {
+        vm,
+        chan,
+        mut events,
+        mut logs,
+        _work,
+    } = g;
+    while !logs.iter().any(|l| l == "armed") {
+        match tokio::time::timeout(BOOT, events.recv()).await {
+            Ok(Ok(GuestMessage::Log { line, .. })) => logs.push(line),
+            Ok(Ok(_)) => {}
+            other => panic!(
+                "no 'armed' log: {other:?}; console:\n{}",
+                vm.console_tail(30)
+            ),
+        }
+    }
+    drop(events);
+    drop(chan);
+    console_shows(vm.as_ref(), "\ntick 8\n", STEP).await;
+    let chan = GuestChannel::connect(vm.ctl_socket(), STEP).await.unwrap();
+    let events = chan.events();
+    let mut g = Guest {
+        vm,
+        chan,
+        events,
+        logs: Vec::new(),
+        _work,
+    };
     g.until(
-        "armed",
-        BOOT,
-        |m| matches!(m, GuestMessage::Log { line, .. } if line == "armed"),
+        "tick 8",
+        STEP,
+        |m| matches!(m, GuestMessage::Log { line, .. } if line == "tick 8"),
     )
     .await;
+    let ticks: Vec<&String> = logs
+        .iter()
+        .chain(&g.logs)
+        .filter(|l| l.starts_with("tick "))
+        .collect();
+    let expected: Vec<String> = (1..=8).map(|i| format!("tick {i}")).collect();
+    assert!(
+        ticks.len() >= 8 && ticks[..8].iter().zip(&expected).all(|(a, b)| *a == b),
+        "log lines lost or reordered while the host was away: {ticks:?}"
+    );
+
     g.vm.powerdown().await.unwrap();
     let exit = g.exit().await;
     assert_eq!(
