@@ -49,6 +49,18 @@ struct Inner {
     secrets: HashMap<String, BTreeMap<String, String>>,
     logs: Vec<LogLine>,
     volumes: HashMap<(String, String), Volume>,
+    /// Machine id -> (nonce, expiry in Unix seconds).
+    leases: HashMap<String, (String, i64)>,
+}
+
+/// Refuses a change to a machine leased under another nonce.
+fn check_lease(inner: &Inner, id: &str, nonce: Option<&str>) -> Result<(), AgentError> {
+    match inner.leases.get(id) {
+        Some((n, exp)) if *exp > now_ms() / 1000 && nonce != Some(n.as_str()) => Err(
+            AgentError::Conflict(format!("machine {id} is leased by someone else")),
+        ),
+        _ => Ok(()),
+    }
 }
 
 struct FakeAgent {
@@ -268,10 +280,11 @@ impl AgentApi for FakeAgent {
         app: &str,
         id: &str,
         req: UpdateMachine,
-        _lease_nonce: Option<&str>,
+        lease_nonce: Option<&str>,
     ) -> Result<Machine, AgentError> {
         let key = (app.to_string(), id.to_string());
         let mut g = self.inner.lock().await;
+        check_lease(&g, id, lease_nonce)?;
         let m = g.machines.get_mut(&key).ok_or_else(|| nf("machine", id))?;
         if let Some(v) = &req.current_version
             && *v != m.instance_id
@@ -350,10 +363,11 @@ impl AgentApi for FakeAgent {
         app: &str,
         id: &str,
         force: bool,
-        _: Option<&str>,
+        lease_nonce: Option<&str>,
     ) -> Result<(), AgentError> {
         let key = (app.to_string(), id.to_string());
         let mut g = self.inner.lock().await;
+        check_lease(&g, id, lease_nonce)?;
         let m = g.machines.get(&key).ok_or_else(|| nf("machine", id))?;
         if m.state == MachineState::Started && !force {
             return Err(AgentError::Conflict(format!(
@@ -361,6 +375,7 @@ impl AgentApi for FakeAgent {
             )));
         }
         g.machines.remove(&key);
+        g.leases.remove(id);
         for v in g.volumes.values_mut() {
             if v.attached_machine_id.as_deref() == Some(id) {
                 v.attached_machine_id = None;
@@ -418,24 +433,50 @@ impl AgentApi for FakeAgent {
         id: &str,
         ttl: Duration,
         description: &str,
-        _: Option<&str>,
+        existing: Option<&str>,
     ) -> Result<Lease, AgentError> {
         let m = self.machine(app, id).await?;
+        let mut g = self.inner.lock().await;
+        check_lease(&g, id, existing)?;
+        let nonce = existing
+            .filter(|n| !n.is_empty())
+            .map_or_else(|| new_id("n"), str::to_string);
+        let expires_at = now_ms() / 1000 + ttl.as_secs() as i64;
+        g.leases.insert(id.to_string(), (nonce.clone(), expires_at));
         Ok(Lease {
-            nonce: new_id("n"),
-            expires_at: now_ms() / 1000 + ttl.as_secs() as i64,
+            nonce,
+            expires_at,
             owner: "test".into(),
             description: description.into(),
             version: m.instance_id,
         })
     }
 
-    async fn get_lease(&self, _: &str, id: &str) -> Result<Lease, AgentError> {
-        Err(nf("lease", id))
+    async fn get_lease(&self, app: &str, id: &str) -> Result<Lease, AgentError> {
+        let m = self.machine(app, id).await?;
+        let g = self.inner.lock().await;
+        let (nonce, expires_at) = g.leases.get(id).cloned().ok_or_else(|| nf("lease", id))?;
+        Ok(Lease {
+            nonce,
+            expires_at,
+            owner: "test".into(),
+            description: String::new(),
+            version: m.instance_id,
+        })
     }
 
-    async fn release_lease(&self, _: &str, _: &str, _: &str) -> Result<(), AgentError> {
-        Ok(())
+    async fn release_lease(&self, _: &str, id: &str, nonce: &str) -> Result<(), AgentError> {
+        let mut g = self.inner.lock().await;
+        match g.leases.get(id) {
+            Some((n, _)) if n == nonce => {
+                g.leases.remove(id);
+                Ok(())
+            }
+            Some(_) => Err(AgentError::Conflict(format!(
+                "wrong nonce for machine {id}"
+            ))),
+            None => Err(nf("lease", id)),
+        }
     }
 
     async fn exec(
@@ -1307,4 +1348,36 @@ fn canary_bluegreen_and_immediate_strategies() {
         h.machines("web")[0].config.image,
         "registry.local/web:unhealthy"
     );
+}
+
+#[test]
+fn deploy_leases_machines_and_respects_others_leases() {
+    let h = Harness::start(&[("h1", "ams")]);
+    h.ok(&["apps", "create", "web"]);
+    h.write("fly.toml", HEALTHY_TOML);
+    h.ok(&["deploy"]);
+    let m = h.machines("web")[0].clone();
+    // Someone else holds the machine.
+    let lease = h
+        .rt
+        .block_on(h.agents[0].acquire_lease("web", &m.id, Duration::from_secs(600), "other", None))
+        .unwrap();
+    let out = h.aloft(&["deploy", "--image", "registry.local/web:v2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot lease machine {} of app web", m.id)),
+        "{err}"
+    );
+    assert_eq!(
+        h.machines("web")[0].instance_id,
+        m.instance_id,
+        "nothing changed"
+    );
+    h.rt.block_on(h.agents[0].release_lease("web", &m.id, &lease.nonce))
+        .unwrap();
+    // Free again: the deploy goes through and gives its own leases back.
+    h.ok(&["deploy", "--image", "registry.local/web:v2"]);
+    assert_eq!(h.machines("web")[0].config.image, "registry.local/web:v2");
+    assert!(h.rt.block_on(h.agents[0].get_lease("web", &m.id)).is_err());
 }

@@ -174,7 +174,12 @@ pub struct Api {
     base: String,
     token: String,
     source: String,
+    /// Sent as `fly-machine-lease-nonce` on every request when set.
+    lease: Option<String>,
 }
+
+/// The header carrying a machine lease's nonce.
+pub const LEASE_NONCE_HEADER: &str = "fly-machine-lease-nonce";
 
 /// Percent-encodes one path segment or query value.
 pub fn enc(s: &str) -> String {
@@ -224,6 +229,7 @@ impl Api {
             base,
             token: ep.token.clone(),
             source: ep.source.clone(),
+            lease: None,
         })
     }
 
@@ -236,10 +242,21 @@ impl Api {
         &self.base
     }
 
+    /// The same client, sending a machine lease's nonce with every request.
+    pub fn with_lease(&self, nonce: &str) -> Api {
+        Api {
+            lease: Some(nonce.to_string()),
+            ..self.clone()
+        }
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut rb = self.http.request(method, format!("{}{}", self.base, path));
         if !self.token.is_empty() {
             rb = rb.bearer_auth(&self.token);
+        }
+        if let Some(n) = &self.lease {
+            rb = rb.header(LEASE_NONCE_HEADER, n);
         }
         rb
     }

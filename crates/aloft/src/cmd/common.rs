@@ -279,6 +279,39 @@ impl Api {
         .with_context(|| format!("{action} machine {id} of app {app}"))
     }
 
+    /// Takes a lease on a machine for `ttl`; returns its nonce.
+    pub async fn acquire_lease(
+        &self,
+        app: &str,
+        id: &str,
+        ttl: Duration,
+        description: &str,
+    ) -> Result<String> {
+        let body = serde_json::json!({ "ttl": ttl.as_secs().max(1), "description": description });
+        let lease: aloft_types::machine::Lease = self
+            .post(
+                &format!("/apps/{}/machines/{}/lease", enc(app), enc(id)),
+                &body,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot lease machine {id} of app {app} (is another deploy or command \
+                     changing it?)"
+                )
+            })?;
+        Ok(lease.nonce)
+    }
+
+    /// Gives a lease back.
+    pub async fn release_lease(&self, app: &str, id: &str, nonce: &str) -> Result<()> {
+        self.with_lease(nonce)
+            .delete(&format!("/apps/{}/machines/{}/lease", enc(app), enc(id)))
+            .await
+            .with_context(|| format!("releasing the lease on machine {id} of app {app}"))?;
+        Ok(())
+    }
+
     pub async fn destroy_machine(&self, app: &str, id: &str, force: bool) -> Result<()> {
         let q = if force { "?force=true" } else { "" };
         self.delete(&format!("/apps/{}/machines/{}{q}", enc(app), enc(id)))

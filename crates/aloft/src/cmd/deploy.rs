@@ -3,7 +3,7 @@
 //! that waits for each machine to start and pass its checks, and rolls every updated
 //! machine back to its previous config when one does not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -292,44 +292,12 @@ async fn deploy(
             .filter(|m| machine_group(m) == *group)
             .cloned()
             .collect();
-        let r = if existing.is_empty() {
-            create_first(api, app, cfg, args, group, mc, strategy, &progress, &mut gr).await
-        } else {
-            match strategy {
-                Strategy::Rolling | Strategy::Immediate => {
-                    rolling(api, app, args, mc, &existing, strategy, &progress, &mut gr).await
-                }
-                Strategy::Canary => {
-                    let region = existing[0].region.clone();
-                    progress.step(format!("[{group}] creating a canary machine in {region}"));
-                    let canary = api
-                        .create_machine(app, &without_mounts(mc), Some(&region), None, false)
-                        .await?;
-                    gr.created.push(canary.id.clone());
-                    let ok = wait_healthy(api, app, &canary, args.wait(), &progress).await;
-                    progress.step(format!("[{group}] destroying canary {}", canary.id));
-                    let destroyed = api.destroy_machine(app, &canary.id, true).await;
-                    gr.destroyed.push(canary.id.clone());
-                    ok.with_context(|| format!("canary machine {} failed", canary.id))?;
-                    destroyed?;
-                    progress.done(format!("[{group}] canary {} healthy", canary.id));
-                    rolling(
-                        api,
-                        app,
-                        args,
-                        mc,
-                        &existing,
-                        Strategy::Rolling,
-                        &progress,
-                        &mut gr,
-                    )
-                    .await
-                }
-                Strategy::Bluegreen => {
-                    bluegreen(api, app, args, mc, &existing, &progress, &mut gr).await
-                }
-            }
-        };
+        let leases = acquire_leases(api, app, &existing, args.wait(), &progress).await?;
+        let r = deploy_group(
+            api, app, cfg, args, group, mc, strategy, &existing, &leases, &progress, &mut gr,
+        )
+        .await;
+        release_leases(api, app, &leases).await;
         report.groups.push(gr);
         r.with_context(|| format!("deploying process group {group} of app {app}"))?;
     }
@@ -352,6 +320,101 @@ async fn deploy(
     }
     progress.finish();
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deploy_group(
+    api: &Api,
+    app: &str,
+    cfg: &AppConfig,
+    args: &DeployArgs,
+    group: &str,
+    mc: &MachineConfig,
+    strategy: Strategy,
+    existing: &[Machine],
+    leases: &HashMap<String, String>,
+    progress: &Progress,
+    gr: &mut GroupReport,
+) -> Result<()> {
+    if existing.is_empty() {
+        create_first(api, app, cfg, args, group, mc, strategy, progress, gr).await
+    } else {
+        match strategy {
+            Strategy::Rolling | Strategy::Immediate => {
+                rolling(api, app, args, mc, existing, strategy, leases, progress, gr).await
+            }
+            Strategy::Canary => {
+                let region = existing[0].region.clone();
+                progress.step(format!("[{group}] creating a canary machine in {region}"));
+                let canary = api
+                    .create_machine(app, &without_mounts(mc), Some(&region), None, false)
+                    .await?;
+                gr.created.push(canary.id.clone());
+                let ok = wait_healthy(api, app, &canary, args.wait(), progress).await;
+                progress.step(format!("[{group}] destroying canary {}", canary.id));
+                let destroyed = api.destroy_machine(app, &canary.id, true).await;
+                gr.destroyed.push(canary.id.clone());
+                ok.with_context(|| format!("canary machine {} failed", canary.id))?;
+                destroyed?;
+                progress.done(format!("[{group}] canary {} healthy", canary.id));
+                rolling(
+                    api,
+                    app,
+                    args,
+                    mc,
+                    existing,
+                    Strategy::Rolling,
+                    leases,
+                    progress,
+                    gr,
+                )
+                .await
+            }
+            Strategy::Bluegreen => {
+                bluegreen(api, app, args, mc, existing, leases, progress, gr).await
+            }
+        }
+    }
+}
+
+/// Leases every machine about to change, so that a concurrent deploy or command cannot
+/// interleave; all or none.
+async fn acquire_leases(
+    api: &Api,
+    app: &str,
+    machines: &[Machine],
+    wait: Duration,
+    progress: &Progress,
+) -> Result<HashMap<String, String>> {
+    let ttl = wait * (machines.len() as u32 + 1) + Duration::from_secs(60);
+    let mut out = HashMap::new();
+    for m in machines {
+        progress.step(format!("leasing machine {}", m.id));
+        match api.acquire_lease(app, &m.id, ttl, "aloft deploy").await {
+            Ok(nonce) => {
+                out.insert(m.id.clone(), nonce);
+            }
+            Err(e) => {
+                release_leases(api, app, &out).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Best effort: a destroyed machine's lease is gone with it.
+async fn release_leases(api: &Api, app: &str, leases: &HashMap<String, String>) {
+    for (id, nonce) in leases {
+        let _ = api.release_lease(app, id, nonce).await;
+    }
+}
+
+/// The client to change machine `id` with: carrying its lease when we hold one.
+fn leased(api: &Api, leases: &HashMap<String, String>, id: &str) -> Api {
+    leases
+        .get(id)
+        .map_or_else(|| api.clone(), |n| api.with_lease(n))
 }
 
 /// A volume belongs to one machine; temporary machines go without mounts.
@@ -520,6 +583,7 @@ async fn rolling(
     mc: &MachineConfig,
     existing: &[Machine],
     strategy: Strategy,
+    leases: &HashMap<String, String>,
     progress: &Progress,
     gr: &mut GroupReport,
 ) -> Result<()> {
@@ -535,7 +599,7 @@ async fn rolling(
             machine_group(&prev),
             prev.region
         ));
-        let updated = match api
+        let updated = match leased(api, leases, &prev.id)
             .update_machine(
                 app,
                 &prev.id,
@@ -547,7 +611,7 @@ async fn rolling(
         {
             Ok(m) => m,
             Err(e) => {
-                rollback(api, app, &done, progress, gr).await;
+                rollback(api, app, &done, leases, progress, gr).await;
                 return Err(e);
             }
         };
@@ -567,7 +631,7 @@ async fn rolling(
         }
         if let Err(e) = wait_healthy(api, app, &updated, args.wait(), progress).await {
             progress.fail(format!("machine {} failed: {e:#}", prev.id));
-            rollback(api, app, &done, progress, gr).await;
+            rollback(api, app, &done, leases, progress, gr).await;
             return Err(e.context(format!(
                 "machine {} did not become healthy; rolled back {} machine(s)",
                 prev.id,
@@ -584,6 +648,7 @@ async fn rollback(
     api: &Api,
     app: &str,
     done: &[(Machine, String)],
+    leases: &HashMap<String, String>,
     progress: &Progress,
     gr: &mut GroupReport,
 ) {
@@ -592,7 +657,7 @@ async fn rollback(
             "rolling back machine {} to version {}",
             prev.id, prev.instance_id
         ));
-        match api
+        match leased(api, leases, &prev.id)
             .update_machine(
                 app,
                 &prev.id,
@@ -622,12 +687,14 @@ async fn rollback(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn bluegreen(
     api: &Api,
     app: &str,
     args: &DeployArgs,
     mc: &MachineConfig,
     existing: &[Machine],
+    leases: &HashMap<String, String>,
     progress: &Progress,
     gr: &mut GroupReport,
 ) -> Result<()> {
@@ -676,7 +743,9 @@ async fn bluegreen(
     }
     for blue in existing {
         progress.step(format!("destroying blue machine {}", blue.id));
-        api.destroy_machine(app, &blue.id, true).await?;
+        leased(api, leases, &blue.id)
+            .destroy_machine(app, &blue.id, true)
+            .await?;
         gr.destroyed.push(blue.id.clone());
     }
     progress.done(format!("{} green machine(s) took over", green.len()));
