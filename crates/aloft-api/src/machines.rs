@@ -549,7 +549,19 @@ pub async fn wait(
         .or_else(|| q.get("instance_id"))
         .filter(|v| !v.is_empty())
         .map(str::to_string);
-    let a = machine_agent(&state, &app, &id).await?;
+    let a = match machine_agent(&state, &app, &id).await {
+        Ok(a) => a,
+        // Agents forget destroyed machines; one that is gone is destroyed (as agents answer).
+        Err(ApiError::NotFound(_)) if states.iter().any(|s| s == "destroyed") => {
+            return Ok(Json(WaitMachineResponse {
+                ok: true,
+                state: MachineState::Destroyed.to_string(),
+                version: version.unwrap_or_default(),
+                event_id: None,
+            }));
+        }
+        Err(e) => return Err(e),
+    };
     let reached = a
         .wait_machine(
             &app,

@@ -52,6 +52,17 @@ impl TestApi {
             .iter()
             .map(|a| a.clone() as Arc<dyn AgentApi>)
             .collect();
+        let mut t = Self::with_agents(dir, store, dyn_agents).await;
+        t.agents = agents;
+        t
+    }
+
+    /// The API over given agents (real ones) and catalog.
+    pub async fn with_agents(
+        dir: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        dyn_agents: Vec<Arc<dyn AgentApi>>,
+    ) -> TestApi {
         let state = ApiState::new(store.clone(), dyn_agents, dir.path())
             .await
             .unwrap();
@@ -65,7 +76,7 @@ impl TestApi {
             dir,
             store,
             state,
-            agents,
+            agents: Vec::new(),
             admin,
         }
     }
