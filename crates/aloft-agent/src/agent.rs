@@ -48,6 +48,8 @@ pub struct AgentConfig {
 const DEFAULT_MAX_RETRIES: u32 = 10;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
+/// Between unpublishing a machine with services and signalling its app.
+const SERVICE_DRAIN: Duration = Duration::from_millis(500);
 
 /// A running VM and the task that watches it. Dropping it does not stop the task
 /// (the task itself removes its runtime when the VM ends); abort it explicitly.
@@ -804,6 +806,11 @@ impl Agent {
             return Ok(());
         };
         rt.supervisor.abort();
+        // The machine is already published as no longer `started`: give the proxies a
+        // moment to stop sending it requests and let those in flight finish.
+        if !m.config.services.is_empty() {
+            tokio::time::sleep(SERVICE_DRAIN).await;
+        }
         let signal = signal_number(&opts.signal.clone().unwrap_or_else(|| stop_signal(m, None)))?;
         let timeout = stop_timeout(m, opts.timeout);
         if let Some(ch) = &rt.channel
