@@ -1,6 +1,8 @@
 //! `cargo xtask bench …`: each benchmark measures its baseline in the same run and
 //! prints ratios plus one JSON line per result.
 
+mod agent;
+mod boot;
 mod image;
 mod proxy;
 mod store;
@@ -16,6 +18,14 @@ pub enum BenchCommand {
     Image,
     /// Proxy throughput and latency against nginx and HAProxy.
     Proxy,
+    /// Boot to init/app/port against raw QEMU, resume, QEMU memory.
+    Boot,
+    /// Agent create→started, start-from-stopped, re-attach after restart, density.
+    Agent {
+        /// How many idle machines the density and re-attach part runs.
+        #[arg(long, default_value_t = 20)]
+        machines: usize,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -23,5 +33,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Store => store::run(),
         BenchCommand::Image => image::run(),
         BenchCommand::Proxy => proxy::run(),
+        BenchCommand::Boot => boot::run(),
+        BenchCommand::Agent { machines } => agent::run(machines),
     }
 }

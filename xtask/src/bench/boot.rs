@@ -1,0 +1,1047 @@
+//! `cargo xtask bench boot`: boot times and memory of aloft machines against the floor,
+//! all in the same run and interleaved (floor, aloft, floor, aloft …).
+//!
+//! * Floor: raw `qemu-system-x86_64` (microvm, TCG) booting the same PVH kernel with
+//!   a minimal initramfs. Variant `marker`: a static C `/init` writes a marker to the
+//!   serial line. Variant `http`: the same `/init` loads the virtio-net modules, sets
+//!   the address with ioctls and execs busybox httpd from the initramfs (nothing is
+//!   mounted), reached through a user-mode hostfwd.
+//! * aloft: the aloft-vmm driver with aloft-init and a busybox httpd root disk. Times
+//!   from the `start()` call to the guest's own `InitStarted`, `AppStarted` and `Ready`
+//!   reports on the channel, and to the first HTTP 200 through the forward.
+//! * Resume: suspend through the driver, then start with the state file, time to HTTP 200.
+//! * Memory: VmRSS and smaps_rollup of two idle machines per configuration, 5 s after
+//!   they answered HTTP: floor vs aloft, tb-size default/32/16, balloon, free page
+//!   reporting.
+//!
+//! HTTP readiness is probed with fresh short connections every 10 ms (several in
+//! flight): a connection opened before the guest listens may wait on slirp's 500 ms
+//! SYN retry, so no single connection is trusted to show the first moment.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aloft_types::guest::{InterfaceConfig, NetworkConfig, RunConfig};
+use aloft_vmm::channel::GuestChannel;
+use aloft_vmm::qemu::{self, QemuVm};
+use aloft_vmm::{Accel, PortForward, VmNetwork, VmSpec};
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::util::step;
+
+const ROUNDS: usize = 5;
+/// Any single boot, resume or HTTP wait gives up after this.
+const LIMIT: Duration = Duration::from_secs(60);
+/// The memory figures are taken this long after the machine answered HTTP.
+const SETTLE: Duration = Duration::from_secs(5);
+const MEMORY_MB: u32 = 256;
+const GUEST_PORT: u16 = 8080;
+
+pub fn run() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let env = BenchEnv::new()?;
+    let result = rt.block_on(bench(&env));
+    env.reaper.reap();
+    result
+}
+
+// ---------------------------------------------------------------------------------
+// Shared set-up (also used by `bench agent`).
+
+/// Kernel, guest init, floor initramfs archives and a temp dir whose processes die
+/// with it.
+pub struct BenchEnv {
+    pub kernel_dir: PathBuf,
+    pub init_bin: PathBuf,
+    pub tsc_khz: u64,
+    pub work: tempfile::TempDir,
+    pub reaper: Reaper,
+    /// Floor initramfs: marker only.
+    pub floor_marker: PathBuf,
+    /// Floor initramfs: marker, virtio-net, busybox httpd.
+    pub floor_http: PathBuf,
+    /// As `floor_http`, with virtio_balloon loaded (free page reporting).
+    pub floor_http_balloon: PathBuf,
+}
+
+impl BenchEnv {
+    pub fn new() -> Result<Self> {
+        for bin in [qemu::QEMU, "musl-gcc", "mkfs.ext4", "qemu-img"] {
+            if !crate::util::have(bin) && !Path::new("/usr/sbin").join(bin).exists() {
+                bail!("{bin} is missing: run `cargo xtask setup`");
+            }
+        }
+        if !Path::new("/bin/busybox").is_file() {
+            bail!("/bin/busybox (busybox-static) is missing: run `cargo xtask setup`");
+        }
+        let kernel_dir = std::env::var_os("ALOFT_KERNEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"));
+        if !kernel_dir.join("vmlinux").is_file() {
+            bail!(
+                "no guest kernel in {} (run `cargo xtask setup`)",
+                kernel_dir.display()
+            );
+        }
+        step("building the guest init (static musl)");
+        crate::setup::build_guest_init()?;
+        let init_bin = crate::setup::guest_init_path();
+        let tsc_khz = aloft_vmm::kernel::host_tsc_khz()
+            .ok_or_else(|| anyhow!("no cpu MHz in /proc/cpuinfo"))?;
+        let work = tempfile::Builder::new()
+            .prefix("aloft-bench-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let reaper = Reaper(work.path().to_path_buf());
+        let w = work.path();
+        step("building the floor initramfs archives");
+        let marker_init = musl_static(w, "floor-marker", FLOOR_MARKER_C)?;
+        let http_init = musl_static(w, "floor-http", FLOOR_HTTP_C)?;
+        let floor_marker = w.join("floor-marker.cpio");
+        std::fs::write(&floor_marker, floor_cpio(&kernel_dir, &marker_init, &[])?)?;
+        let net = [
+            "virtio_ring",
+            "virtio",
+            "virtio_mmio",
+            "failover",
+            "net_failover",
+            "virtio_net",
+        ];
+        let floor_http = w.join("floor-http.cpio");
+        std::fs::write(&floor_http, floor_cpio(&kernel_dir, &http_init, &net)?)?;
+        let mut with_balloon = net.to_vec();
+        with_balloon.push("virtio_balloon");
+        let floor_http_balloon = w.join("floor-http-balloon.cpio");
+        std::fs::write(
+            &floor_http_balloon,
+            floor_cpio(&kernel_dir, &http_init, &with_balloon)?,
+        )?;
+        Ok(BenchEnv {
+            kernel_dir,
+            init_bin,
+            tsc_khz,
+            work,
+            reaper,
+            floor_marker,
+            floor_http,
+            floor_http_balloon,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
+/// Kills (by pid) every process whose command line names the bench's temp dir: QEMU
+/// daemonizes, so its processes are not our children.
+pub struct Reaper(pub PathBuf);
+
+impl Reaper {
+    pub fn reap(&self) {
+        let needle = self.0.display().to_string();
+        let me = std::process::id().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == me || !name.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &name])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.reap();
+    }
+}
+
+/// A static /init that writes a marker and waits.
+const FLOOR_MARKER_C: &str = r#"
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+int main(void) {
+    int fd = open("/dev/console", O_WRONLY);
+    dprintf(fd, "FLOOR-MARKER init started\n");
+    for (;;) pause();
+}
+"#;
+
+/// A static /init that writes the marker, loads the modules in /lib/modules (in the
+/// order of /modules), sets eth0 to 10.0.2.15/24 and execs busybox httpd on 8080.
+const FLOOR_HTTP_C: &str = r#"
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void load(int con, const char *name) {
+    char path[256];
+    snprintf(path, sizeof path, "/lib/modules/%s.ko", name);
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) { dprintf(con, "no module %s\n", name); return; }
+    struct stat st;
+    fstat(fd, &st);
+    char *buf = malloc(st.st_size);
+    ssize_t got = 0;
+    while (got < st.st_size) {
+        ssize_t n = read(fd, buf + got, st.st_size - got);
+        if (n <= 0) break;
+        got += n;
+    }
+    close(fd);
+    if (syscall(SYS_init_module, buf, (unsigned long)got, "") < 0)
+        dprintf(con, "init_module %s failed\n", name);
+    free(buf);
+}
+static void set_addr(int s, struct ifreq *ifr, unsigned long req, const char *addr) {
+    struct sockaddr_in *a = (struct sockaddr_in *)&ifr->ifr_addr;
+    memset(a, 0, sizeof *a);
+    a->sin_family = AF_INET;
+    inet_pton(AF_INET, addr, &a->sin_addr);
+    ioctl(s, req, ifr);
+}
+int main(void) {
+    int con = open("/dev/console", O_WRONLY);
+    dprintf(con, "FLOOR-MARKER init started\n");
+    int list = open("/modules", O_RDONLY);
+    char names[1024] = {0};
+    if (list >= 0) { read(list, names, sizeof names - 1); close(list); }
+    for (char *save, *n = strtok_r(names, "\n", &save); n; n = strtok_r(0, "\n", &save))
+        load(con, n);
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "eth0");
+    for (int i = 0; i < 10000 && ioctl(s, SIOCGIFFLAGS, &ifr) < 0; i++) usleep(1000);
+    set_addr(s, &ifr, SIOCSIFADDR, "10.0.2.15");
+    set_addr(s, &ifr, SIOCSIFNETMASK, "255.255.255.0");
+    ioctl(s, SIOCGIFFLAGS, &ifr);
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    ioctl(s, SIOCSIFFLAGS, &ifr);
+    dprintf(con, "FLOOR-MARKER httpd exec\n");
+    char *argv[] = {"busybox", "httpd", "-f", "-p", "8080", "-h", "/www", 0};
+    execv("/bin/busybox", argv);
+    dprintf(con, "exec busybox failed\n");
+    for (;;) pause();
+}
+"#;
+
+fn musl_static(dir: &Path, name: &str, src: &str) -> Result<PathBuf> {
+    let c = dir.join(format!("{name}.c"));
+    std::fs::write(&c, src)?;
+    let bin = dir.join(name);
+    crate::util::run(
+        std::process::Command::new("musl-gcc")
+            .args(["-static", "-O2", "-o"])
+            .arg(&bin)
+            .arg(&c),
+    )?;
+    Ok(bin)
+}
+
+/// Marker at the end of a signed module.
+const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// A module without its appended signature: checking it costs much emulated CPU, and
+/// aloft-init skips it the same way.
+fn strip_signature(data: &[u8]) -> &[u8] {
+    let Some(body) = data.strip_suffix(MODULE_SIG_MAGIC) else {
+        return data;
+    };
+    if body.len() < 12 {
+        return data;
+    }
+    let info = &body[body.len() - 12..];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    match body.len().checked_sub(12 + sig_len) {
+        Some(end) => &body[..end],
+        None => data,
+    }
+}
+
+/// The floor's initramfs: /dev/console, /init, and for httpd busybox, /www and the
+/// (unsigned) modules listed in /modules.
+fn floor_cpio(kernel_dir: &Path, init: &Path, modules: &[&str]) -> Result<Vec<u8>> {
+    let mut cpio = aloft_vmm::initramfs::CpioWriter::default();
+    cpio.dir("dev", 0o755);
+    cpio.char_device("dev/console", 0o600, 5, 1);
+    cpio.file("init", 0o755, &std::fs::read(init)?);
+    if !modules.is_empty() {
+        cpio.dir("bin", 0o755);
+        cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
+        cpio.dir("www", 0o755);
+        cpio.file("www/index.html", 0o644, b"hello from the floor\n");
+        cpio.dir("lib", 0o755);
+        cpio.dir("lib/modules", 0o755);
+        for m in modules {
+            let path = kernel_dir.join("modules").join(format!("{m}.ko"));
+            let data = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+            cpio.file(
+                &format!("lib/modules/{m}.ko"),
+                0o644,
+                strip_signature(&data),
+            );
+        }
+        cpio.file("modules", 0o644, modules.join("\n").as_bytes());
+    }
+    Ok(cpio.finish())
+}
+
+// ---------------------------------------------------------------------------------
+// Floor runs.
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum FloorKind {
+    Marker,
+    Http,
+    /// Http plus a virtio-balloon with free page reporting.
+    HttpFreePageReporting,
+}
+
+pub struct FloorRun {
+    pub marker_ms: f64,
+    pub http_ms: Option<f64>,
+    pub child: Child,
+}
+
+impl FloorRun {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    pub async fn end(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Boots the floor; times from spawn to the serial marker (and to HTTP 200).
+pub async fn floor_boot(env: &BenchEnv, kind: FloorKind, tb_mb: Option<u32>) -> Result<FloorRun> {
+    let port = free_port()?;
+    let accel = match tb_mb {
+        Some(mb) => format!("tcg,tb-size={mb}"),
+        None => "tcg".into(),
+    };
+    let initrd = match kind {
+        FloorKind::Marker => &env.floor_marker,
+        FloorKind::Http => &env.floor_http,
+        FloorKind::HttpFreePageReporting => &env.floor_http_balloon,
+    };
+    let mut cmd = Command::new(qemu::QEMU);
+    cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on", "-accel"])
+        .arg(&accel)
+        .args(["-m", &format!("{MEMORY_MB}M"), "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(env.kernel_dir.join("vmlinux"))
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 tsc_early_khz={} tsc=reliable quiet cryptomgr.notests panic=-1",
+            env.tsc_khz
+        ));
+    if kind != FloorKind::Marker {
+        cmd.args([
+            "-netdev",
+            &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{GUEST_PORT}"),
+            "-device",
+            "virtio-net-device,netdev=n0",
+        ]);
+    }
+    if kind == FloorKind::HttpFreePageReporting {
+        cmd.args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let t0 = Instant::now();
+    let http = (kind != FloorKind::Marker).then(|| tokio::spawn(first_http_200(port, t0, LIMIT)));
+    let mut child = cmd.spawn().context("spawning qemu-system-x86_64")?;
+    let mut stdout = child.stdout.take().context("qemu stdout")?;
+    let (tx, mut rx) = watch::channel(None::<f64>);
+    // Reads the serial line for the marker, then keeps draining it.
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut found = false;
+        while let Ok(n) = stdout.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            if !found {
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(12).any(|w| w == b"FLOOR-MARKER") {
+                    found = true;
+                    let _ = tx.send(Some(ms(t0)));
+                }
+            }
+        }
+    });
+    let marker = tokio::time::timeout(LIMIT, rx.wait_for(|v| v.is_some())).await;
+    let marker_ms = match marker {
+        Ok(Ok(v)) => v.unwrap_or_default(),
+        _ => {
+            let _ = child.kill().await;
+            bail!("floor: no marker on the serial line within {LIMIT:?}");
+        }
+    };
+    let http_ms = match http {
+        Some(h) => match h.await.ok().flatten() {
+            Some(v) => Some(v),
+            None => {
+                let _ = child.kill().await;
+                bail!("floor: no HTTP 200 through the forward within {LIMIT:?}");
+            }
+        },
+        None => None,
+    };
+    Ok(FloorRun {
+        marker_ms,
+        http_ms,
+        child,
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// aloft runs.
+
+/// The busybox httpd root disk (ext4) shared by every aloft machine of the bench.
+pub fn busybox_root(dir: &Path) -> Result<PathBuf> {
+    let tree = dir.join("rootfs");
+    for d in ["bin", "etc", "www"] {
+        std::fs::create_dir_all(tree.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox"))?;
+    for applet in ["sh", "httpd"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet))?;
+    }
+    std::fs::write(tree.join("www/index.html"), "hello from aloft\n")?;
+    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    std::fs::write(tree.join("etc/group"), "root:x:0:\n")?;
+    let img = dir.join("root.ext4");
+    crate::util::run(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg("64M"),
+    )?;
+    Ok(img)
+}
+
+fn run_config(id: &str) -> RunConfig {
+    let mut cfg = RunConfig {
+        machine_id: id.into(),
+        app_name: "bench".into(),
+        region: "local".into(),
+        kill_timeout_ms: 5000,
+        kill_signal: "SIGINT".into(),
+        root_device: "/dev/vda".into(),
+        ..Default::default()
+    };
+    cfg.image_config.env = vec!["PATH=/bin".into()];
+    cfg.config.init.cmd = Some(
+        ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    );
+    cfg.network = NetworkConfig {
+        interfaces: vec![InterfaceConfig {
+            name: "eth0".into(),
+            addresses: vec!["10.0.2.15/24".into()],
+            gateway4: Some("10.0.2.2".into()),
+            ..Default::default()
+        }],
+        dns_servers: vec!["10.0.2.3".into()],
+        extra_hosts: vec![],
+    };
+    cfg.ready_ports = vec![GUEST_PORT];
+    cfg
+}
+
+pub struct AloftMachine {
+    pub spec: VmSpec,
+    pub port: u16,
+}
+
+/// A prepared machine (initrd and overlay written), not started.
+pub async fn aloft_machine(
+    env: &BenchEnv,
+    root: &Path,
+    name: &str,
+    tb_mb: Option<u32>,
+) -> Result<AloftMachine> {
+    let port = free_port()?;
+    let spec = VmSpec {
+        dir: env.dir().join("vms").join(name),
+        kernel_dir: env.kernel_dir.clone(),
+        init_bin: env.init_bin.clone(),
+        cache_dir: env.dir().join("cache"),
+        memory_mb: MEMORY_MB,
+        vcpus: 1,
+        root_base: root.to_path_buf(),
+        volumes: vec![],
+        network: VmNetwork::User {
+            forwards: vec![PortForward {
+                host_addr: "127.0.0.1".into(),
+                host_port: port,
+                guest_port: GUEST_PORT,
+            }],
+        },
+        run_json: serde_json::to_vec(&run_config(name))?,
+        accel: Accel::Tcg,
+        tcg_tb_size_mb: tb_mb,
+    };
+    qemu::prepare(&spec).await?;
+    Ok(AloftMachine { spec, port })
+}
+
+pub struct AloftRun {
+    /// `start()` returned (QEMU daemonized, QMP attached).
+    pub start_ms: f64,
+    pub handshake_ms: f64,
+    pub init_ms: f64,
+    pub app_ms: f64,
+    pub ready_ms: f64,
+    pub http_ms: f64,
+    pub vm: QemuVm,
+    pub chan: GuestChannel,
+}
+
+/// Boots a prepared machine and times it.
+pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
+    let t0 = Instant::now();
+    let http = tokio::spawn(first_http_200(m.port, t0, LIMIT));
+    let vm = qemu::start(&m.spec, None).await?;
+    let start_ms = ms(t0);
+    let chan = match GuestChannel::connect(vm.ctl_socket(), LIMIT).await {
+        Ok(c) => c,
+        Err(e) => {
+            let tail = vm.console_tail(20);
+            vm.kill();
+            bail!("{e}\nconsole:\n{tail}");
+        }
+    };
+    let handshake_ms = ms(t0);
+    // The first time each report shows up in the channel state.
+    let mut st = chan.state();
+    let (mut init, mut app, mut ready) = (None, None, None);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        {
+            let s = st.borrow_and_update();
+            let now = ms(t0);
+            if init.is_none() && s.init_started_ms.is_some() {
+                init = Some(now);
+            }
+            if app.is_none() && s.app_pid.is_some() {
+                app = Some(now);
+            }
+            if ready.is_none() && s.ready_port.is_some() {
+                ready = Some(now);
+            }
+            if let Some(exit) = s.exit {
+                vm.kill();
+                bail!("the app exited during boot: {exit:?}");
+            }
+        }
+        if ready.is_some() && init.is_some() && app.is_some() {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, st.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                let tail = vm.console_tail(20);
+                vm.kill();
+                bail!("no Ready report within {LIMIT:?}\nconsole:\n{tail}");
+            }
+        }
+    }
+    let Some(http_ms) = http.await.ok().flatten() else {
+        vm.kill();
+        bail!("no HTTP 200 through the forward within {LIMIT:?}");
+    };
+    Ok(AloftRun {
+        start_ms,
+        handshake_ms,
+        init_ms: init.unwrap_or(handshake_ms),
+        app_ms: app.unwrap_or(handshake_ms),
+        ready_ms: ready.unwrap_or(handshake_ms),
+        http_ms,
+        vm,
+        chan,
+    })
+}
+
+pub struct ResumeRun {
+    pub suspend_ms: f64,
+    pub running_ms: f64,
+    pub http_ms: f64,
+    pub vm: QemuVm,
+}
+
+/// Suspends a running machine to a file, then resumes it and times HTTP 200.
+pub async fn aloft_suspend_resume(m: &AloftMachine, run: AloftRun) -> Result<ResumeRun> {
+    let state = m.spec.dir.join(aloft_vmm::VmFiles::STATE);
+    drop(run.chan);
+    let t = Instant::now();
+    if let Err(e) = run.vm.suspend(&state).await {
+        run.vm.kill();
+        bail!("suspend: {e}");
+    }
+    let suspend_ms = ms(t);
+    let t0 = Instant::now();
+    let http = tokio::spawn(first_http_200(m.port, t0, LIMIT));
+    let vm = qemu::start(&m.spec, Some(&state)).await?;
+    if let Err(e) = vm.finish_resume().await {
+        vm.kill();
+        bail!("resume: {e}");
+    }
+    let running_ms = ms(t0);
+    let Some(http_ms) = http.await.ok().flatten() else {
+        vm.kill();
+        bail!("no HTTP 200 after resume within {LIMIT:?}");
+    };
+    let _ = std::fs::remove_file(&state);
+    Ok(ResumeRun {
+        suspend_ms,
+        running_ms,
+        http_ms,
+        vm,
+    })
+}
+
+pub async fn end_vm(vm: &QemuVm) {
+    if vm.quit().await.is_err() {
+        vm.kill();
+    }
+    if !vm.wait_exit(Duration::from_secs(5)).await {
+        vm.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Probing, memory, statistics.
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+pub fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}
+
+/// One fresh connection: GET, and whether the answer is a 200.
+async fn http_ok(port: u16) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(
+            buf.starts_with(b"HTTP/1.") && buf.windows(5).any(|w| w == b" 200 "),
+        )
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(400), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Milliseconds from `t0` to the first HTTP 200 on `port`: a fresh connection every
+/// 10 ms, up to 40 in flight, each abandoned after 400 ms.
+pub async fn first_http_200(port: u16, t0: Instant, limit: Duration) -> Option<f64> {
+    let mut set = tokio::task::JoinSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let deadline = t0 + limit;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                if set.len() < 40 {
+                    set.spawn(http_ok(port));
+                }
+            }
+            Some(r) = set.join_next() => {
+                if r.unwrap_or(false) {
+                    return Some(ms(t0));
+                }
+            }
+        }
+    }
+}
+
+/// Memory of one process, in MiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Mem {
+    pub rss: f64,
+    pub pss: f64,
+    pub shared: f64,
+    pub private: f64,
+    pub anon: f64,
+}
+
+pub fn memory_of(pid: u32) -> Result<Mem> {
+    let kb = |text: &str, key: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("/proc/{pid}/status"))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("/proc/{pid}/smaps_rollup"))?;
+    Ok(Mem {
+        rss: kb(&status, "VmRSS:"),
+        pss: kb(&rollup, "Pss:"),
+        shared: kb(&rollup, "Shared_Clean:") + kb(&rollup, "Shared_Dirty:"),
+        private: kb(&rollup, "Private_Clean:") + kb(&rollup, "Private_Dirty:"),
+        anon: kb(&rollup, "Anonymous:"),
+    })
+}
+
+pub fn min_median(v: &[f64]) -> (f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return (0.0, 0.0);
+    }
+    (s[0], s[s.len() / 2])
+}
+
+/// Timing samples per case, in the order first seen.
+#[derive(Default)]
+struct Timings(Vec<(String, Vec<f64>)>);
+
+impl Timings {
+    fn push(&mut self, name: &str, v: f64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, s)) => s.push(v),
+            None => self.0.push((name.to_string(), vec![v])),
+        }
+    }
+
+    fn get(&self, name: &str) -> (f64, f64) {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| min_median(s))
+            .unwrap_or((0.0, 0.0))
+    }
+}
+
+/// Prints one table row and its JSON line; `base` is the case the ratio is against.
+fn report(t: &Timings, name: &str, base: Option<&str>, goal: Option<f64>) {
+    let (min, median) = t.get(name);
+    let ratio = base.map(|b| {
+        let (bmin, bmed) = t.get(b);
+        (median / bmed, min / bmin)
+    });
+    let verdict = match (ratio, goal) {
+        (Some((r, _)), Some(g)) if r <= g => format!("<= {g} ok"),
+        (Some(_), Some(g)) => format!("> {g} MISSED"),
+        _ => String::new(),
+    };
+    println!(
+        "{name:<34} {min:>8.0} {median:>8.0} {:>7} {:>26} {verdict}",
+        ratio.map_or(String::new(), |(r, _)| format!("{r:.2}")),
+        base.unwrap_or(""),
+    );
+    let mut line = json!({
+        "bench": "boot",
+        "case": name,
+        "rounds": t.0.iter().find(|(n, _)| n == name).map_or(0, |(_, s)| s.len()),
+        "min_ms": round1(min),
+        "median_ms": round1(median),
+    });
+    if let Some((r, rmin)) = ratio {
+        line["ratio"] = json!(round2(r));
+        line["ratio_min"] = json!(round2(rmin));
+        line["against"] = json!(base);
+    }
+    if let Some(g) = goal {
+        line["goal_ratio"] = json!(g);
+    }
+    JSON_LINES.with(|l| l.borrow_mut().push(line.to_string()));
+}
+
+thread_local! {
+    static JSON_LINES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+// ---------------------------------------------------------------------------------
+// The benchmark.
+
+const TB_VARIANTS: [(Option<u32>, &str); 3] =
+    [(Some(32), "tb32"), (None, "tbdefault"), (Some(16), "tb16")];
+
+async fn bench(env: &BenchEnv) -> Result<()> {
+    step("building the busybox httpd root disk");
+    let root = busybox_root(env.dir())?;
+
+    step("warm-up (not counted): one floor and one aloft boot");
+    floor_boot(env, FloorKind::Http, None).await?.end().await;
+    let m = aloft_machine(env, &root, "warmup", Some(32)).await?;
+    let r = aloft_boot(&m).await?;
+    end_vm(&r.vm).await;
+    drop(r);
+
+    step(&format!(
+        "{ROUNDS} interleaved rounds: floor marker, floor httpd, aloft tb-size 32 (+ suspend/resume), default, 16"
+    ));
+    let mut t = Timings::default();
+    for round in 1..=ROUNDS {
+        let f = floor_boot(env, FloorKind::Marker, None).await?;
+        t.push("floor.init_marker", f.marker_ms);
+        f.end().await;
+        let f = floor_boot(env, FloorKind::Http, None).await?;
+        t.push("floor.http.init_marker", f.marker_ms);
+        t.push("floor.port_accepting", f.http_ms.unwrap_or_default());
+        f.end().await;
+        let mut line = format!("    round {round}: floor {:.0} ms", t.0[0].1[round - 1]);
+        for (tb, label) in TB_VARIANTS {
+            let m = aloft_machine(env, &root, &format!("r{round}-{label}"), tb).await?;
+            let r = aloft_boot(&m).await?;
+            t.push(&format!("aloft.{label}.start_returned"), r.start_ms);
+            t.push(&format!("aloft.{label}.handshake"), r.handshake_ms);
+            t.push(&format!("aloft.{label}.init_started"), r.init_ms);
+            t.push(&format!("aloft.{label}.app_started"), r.app_ms);
+            t.push(&format!("aloft.{label}.ready_reported"), r.ready_ms);
+            t.push(&format!("aloft.{label}.port_accepting"), r.http_ms);
+            line.push_str(&format!(
+                " | {label} init {:.0} ready {:.0} http {:.0}",
+                r.init_ms, r.ready_ms, r.http_ms
+            ));
+            if tb == Some(32) {
+                let res = aloft_suspend_resume(&m, r).await?;
+                t.push("aloft.tb32.suspend", res.suspend_ms);
+                t.push("aloft.tb32.resume_running", res.running_ms);
+                t.push("aloft.tb32.resume_port_accepting", res.http_ms);
+                line.push_str(&format!(" resume {:.0}", res.http_ms));
+                end_vm(&res.vm).await;
+            } else {
+                end_vm(&r.vm).await;
+            }
+            let _ = std::fs::remove_dir_all(&m.spec.dir);
+        }
+        println!("{line}");
+    }
+
+    println!();
+    println!(
+        "{:<34} {:>8} {:>8} {:>7} {:>26}",
+        "case (ms from spawn/start())", "min", "median", "ratio", "against"
+    );
+    report(&t, "floor.init_marker", None, None);
+    report(&t, "floor.http.init_marker", None, None);
+    report(&t, "floor.port_accepting", None, None);
+    for (_, label) in TB_VARIANTS {
+        let c = |s: &str| format!("aloft.{label}.{s}");
+        report(&t, &c("start_returned"), None, None);
+        report(&t, &c("handshake"), Some("floor.init_marker"), None);
+        report(
+            &t,
+            &c("init_started"),
+            Some("floor.init_marker"),
+            Some(1.15),
+        );
+        report(&t, &c("app_started"), Some("floor.init_marker"), None);
+        report(
+            &t,
+            &c("ready_reported"),
+            Some("floor.port_accepting"),
+            Some(1.25),
+        );
+        report(
+            &t,
+            &c("port_accepting"),
+            Some("floor.port_accepting"),
+            Some(1.25),
+        );
+    }
+    report(&t, "aloft.tb32.suspend", None, None);
+    report(&t, "aloft.tb32.resume_running", None, None);
+    report(
+        &t,
+        "aloft.tb32.resume_port_accepting",
+        Some("aloft.tb32.port_accepting"),
+        Some(0.3),
+    );
+
+    step("memory: two idle 256 MB machines per configuration, 5 s after HTTP 200");
+    let mut mem_lines = Vec::new();
+    let floor_configs: [(&str, FloorKind, Option<u32>); 4] = [
+        ("floor.tbdefault", FloorKind::Http, None),
+        ("floor.tb32", FloorKind::Http, Some(32)),
+        ("floor.tb16", FloorKind::Http, Some(16)),
+        (
+            "floor.tb32.free_page_reporting",
+            FloorKind::HttpFreePageReporting,
+            Some(32),
+        ),
+    ];
+    for (name, kind, tb) in floor_configs {
+        let a = floor_boot(env, kind, tb).await?;
+        let b = floor_boot(env, kind, tb).await?;
+        tokio::time::sleep(SETTLE).await;
+        let mems = [a.pid(), b.pid()]
+            .into_iter()
+            .flatten()
+            .map(memory_of)
+            .collect::<Result<Vec<_>>>()?;
+        mem_lines.push((name.to_string(), mems));
+        a.end().await;
+        b.end().await;
+    }
+    for (tb, label) in TB_VARIANTS {
+        let mut runs = Vec::new();
+        for i in 0..2 {
+            let m = aloft_machine(env, &root, &format!("mem-{label}-{i}"), tb).await?;
+            runs.push((aloft_boot(&m).await?, m));
+        }
+        tokio::time::sleep(SETTLE).await;
+        let mems = runs
+            .iter()
+            .map(|(r, _)| memory_of(r.vm.pid as u32))
+            .collect::<Result<Vec<_>>>()?;
+        mem_lines.push((format!("aloft.{label}"), mems));
+        if tb == Some(32) {
+            // Balloon both guests down to half their memory.
+            for (r, _) in &runs {
+                balloon_to(&r.vm, MEMORY_MB / 2).await?;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mems = runs
+                .iter()
+                .map(|(r, _)| memory_of(r.vm.pid as u32))
+                .collect::<Result<Vec<_>>>()?;
+            mem_lines.push(("aloft.tb32.balloon_128".to_string(), mems));
+        }
+        for (r, m) in runs {
+            end_vm(&r.vm).await;
+            let _ = std::fs::remove_dir_all(&m.spec.dir);
+        }
+    }
+    println!();
+    println!(
+        "{:<32} {:>8} {:>8} {:>8} {:>8} {:>8}  (MiB per QEMU, mean of 2)",
+        "memory", "VmRSS", "Pss", "shared", "private", "anon"
+    );
+    let raw = mean_mem(&mem_lines[0].1);
+    for (name, mems) in &mem_lines {
+        let m = mean_mem(mems);
+        println!(
+            "{name:<32} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}  {:+.1} vs raw QEMU",
+            m.rss,
+            m.pss,
+            m.shared,
+            m.private,
+            m.anon,
+            m.rss - raw.rss
+        );
+        let mut line = json!({
+            "bench": "boot",
+            "case": format!("memory.{name}"),
+            "machines": mems.len(),
+            "memory_mb": MEMORY_MB,
+            "rss_mib": round1(m.rss),
+            "pss_mib": round1(m.pss),
+            "shared_mib": round1(m.shared),
+            "private_mib": round1(m.private),
+            "anon_mib": round1(m.anon),
+            "vs_raw_qemu_mib": round1(m.rss - raw.rss),
+        });
+        if name.starts_with("aloft.tb32") && !name.contains("balloon") {
+            line["goal_vs_raw_qemu_mib"] = json!(10.0);
+        }
+        JSON_LINES.with(|l| l.borrow_mut().push(line.to_string()));
+    }
+    println!();
+    JSON_LINES.with(|l| {
+        for line in l.borrow().iter() {
+            println!("{line}");
+        }
+    });
+    Ok(())
+}
+
+fn mean_mem(v: &[Mem]) -> Mem {
+    let n = v.len().max(1) as f64;
+    let sum = |f: fn(&Mem) -> f64| v.iter().map(f).sum::<f64>() / n;
+    Mem {
+        rss: sum(|m| m.rss),
+        pss: sum(|m| m.pss),
+        shared: sum(|m| m.shared),
+        private: sum(|m| m.private),
+        anon: sum(|m| m.anon),
+    }
+}
+
+/// Sets the balloon target and waits (bounded) until the guest has given the memory.
+async fn balloon_to(vm: &QemuVm, mb: u32) -> Result<()> {
+    let target = u64::from(mb) << 20;
+    vm.qmp
+        .execute("balloon", Some(json!({ "value": target })))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = vm.qmp.execute("query-balloon", None).await?;
+        if info["actual"].as_u64().is_some_and(|a| a <= target) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("balloon did not reach {mb} MB within 30 s: {info}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
