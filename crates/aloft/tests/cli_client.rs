@@ -870,6 +870,15 @@ fn dev_json_apps_and_json_output() {
     assert!(out.status.success(), "{}", stderr(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v, serde_json::json!({"app": "web", "destroyed": true}));
+    // launch without --region takes the installation's region.
+    let out = run(&["launch", "--image", "registry.local/site:1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let toml = std::fs::read_to_string(h.work().join("fly.toml")).unwrap();
+    assert!(
+        toml.contains("app = \"site\"") && toml.contains("primary_region = \"ams\""),
+        "{toml}"
+    );
+
     // A wrong token is refused with the API's message.
     let out = aloft_in(
         &h.work(),

@@ -53,6 +53,20 @@ pub struct LaunchArgs {
     pub json: bool,
 }
 
+/// The first region the installation serves (`GET /platform/regions`), if any.
+async fn first_region(api: &Api) -> Result<Option<String>> {
+    let v: serde_json::Value = api
+        .get("/platform/regions")
+        .await
+        .context("asking the API for its regions (or pass --region)")?;
+    Ok(v.get("regions")
+        .and_then(|r| r.as_array())
+        .and_then(|r| r.first())
+        .and_then(|r| r.get("code"))
+        .and_then(|c| c.as_str())
+        .map(str::to_string))
+}
+
 /// A valid app name from an image reference: `reg:5000/team/my_app:1.2` -> `my-app`.
 pub fn name_from_image(image: &str) -> String {
     let no_digest = image.split('@').next().unwrap_or(image);
@@ -116,17 +130,16 @@ pub fn run(args: LaunchArgs, data_dir: &DataDir) -> Result<ExitCode> {
         .name
         .clone()
         .unwrap_or_else(|| name_from_image(&args.image));
-    let text = render_fly_toml(
-        &app,
-        args.region.as_deref(),
-        &args.image,
-        args.internal_port,
-    );
+    let api = Api::connect(data_dir)?;
+    let region = match &args.region {
+        Some(r) => Some(r.clone()),
+        None => block_on(first_region(&api))??,
+    };
+    let text = render_fly_toml(&app, region.as_deref(), &args.image, args.internal_port);
     // What we write must be what a deploy accepts.
     if let Err(e) = appconfig::parse(&text, &args.config.display().to_string()) {
         bail!("internal error: the generated config is not valid: {e}");
     }
-    let api = Api::connect(data_dir)?;
     let created = block_on(create_app(&api, &app, &args.org, None))??;
     std::fs::write(&args.config, &text)
         .with_context(|| format!("writing {}", args.config.display()))?;
