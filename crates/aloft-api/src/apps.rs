@@ -116,14 +116,17 @@ async fn app_view(state: &ApiState, rec: &AppRecord) -> Result<App, ApiError> {
     let mut machines = 0;
     let mut running = 0;
     let mut volumes = 0;
-    for a in state.agents() {
-        for m in a.list_machines(&rec.name).await? {
-            if m.state != MachineState::Destroyed {
-                machines += 1;
-                running += i64::from(m.state == MachineState::Started);
-            }
+    for m in crate::machines::app_machines(state, &rec.name).await? {
+        if m.state != MachineState::Destroyed {
+            machines += 1;
+            running += i64::from(m.state == MachineState::Started);
         }
-        volumes += a.list_volumes(&rec.name).await?.len() as i64;
+    }
+    for a in state.agents() {
+        match a.list_volumes(&rec.name).await {
+            Ok(vs) => volumes += vs.len() as i64,
+            Err(e) => tracing::warn!(host = a.host_id(), error = %e, "counting volumes"),
+        }
     }
     let status = match (machines, running) {
         (0, _) => "pending",

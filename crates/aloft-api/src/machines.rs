@@ -177,6 +177,40 @@ fn nonce(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Every machine of `app` on every host. A host whose agent fails to answer is shown
+/// from the catalog (what its agent last published) with `host_status: unreachable`,
+/// so one broken host does not hide an app's other machines.
+pub async fn app_machines(state: &ApiState, app: &str) -> Result<Vec<Machine>, ApiError> {
+    let mut out = Vec::new();
+    let mut unreachable = Vec::new();
+    for a in state.agents() {
+        match a.list_machines(app).await {
+            Ok(ms) => out.extend(ms),
+            Err(AgentError::Internal(e)) => {
+                tracing::warn!(host = a.host_id(), error = %e, "listing machines: host unreachable");
+                unreachable.push(a.host_id().to_string());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !unreachable.is_empty() {
+        let listing = state
+            .store()
+            .list(&aloft_types::catalog::machines_prefix(app))
+            .await?;
+        for e in &listing.entries {
+            if let Ok(rec) = serde_json::from_slice::<MachineRecord>(&e.value)
+                && unreachable.contains(&rec.host)
+            {
+                let mut m = rec.machine;
+                m.host_status = "unreachable".into();
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The agent owning machine `id` of `app`.
 pub async fn machine_agent(
     state: &ApiState,
@@ -239,10 +273,7 @@ pub async fn list(
         q.0.iter()
             .filter_map(|(k, v)| k.strip_prefix("metadata.").map(|k| (k, v.as_str())))
             .collect();
-    let mut out = Vec::new();
-    for a in state.agents() {
-        out.extend(a.list_machines(&app).await?);
-    }
+    let mut out = app_machines(&state, &app).await?;
     out.retain(|m| {
         (include_deleted || m.state != MachineState::Destroyed)
             && region.is_none_or(|r| m.region == r)
@@ -875,10 +906,16 @@ pub async fn logs(
         targets.push((machine_agent(&state, &app, id).await?, id.to_string()));
     } else {
         for a in state.agents() {
-            for m in a.list_machines(&app).await? {
-                if region.is_none_or(|r| m.region == r) {
-                    targets.push((a.clone(), m.id));
+            match a.list_machines(&app).await {
+                Ok(ms) => targets.extend(
+                    ms.into_iter()
+                        .filter(|m| region.is_none_or(|r| m.region == r))
+                        .map(|m| (a.clone(), m.id)),
+                ),
+                Err(AgentError::Internal(e)) => {
+                    tracing::warn!(host = a.host_id(), error = %e, "logs: host unreachable");
                 }
+                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -1199,3 +1199,66 @@ async fn every_documented_operation_is_routed() {
     }
     assert!(n >= 40, "{n} operations");
 }
+
+#[tokio::test]
+async fn an_unreachable_host_shows_its_last_published_machines() {
+    use aloft_types::catalog::{MachineRecord, machine_key};
+    let t = TestApi::start(&[("up", "ams"), ("down", "iad")]).await;
+    t.create_app("split").await;
+    let tok = &t.admin;
+    let r = t
+        .create_machine("split", tok, r#"{"region":"ams","config":{"image":"i"}}"#)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = t
+        .create_machine("split", tok, r#"{"region":"iad","config":{"image":"i"}}"#)
+        .await;
+    let m: aloft_types::machine::Machine = serde_json::from_value(r.body.clone()).unwrap();
+    // What the iad agent had published before it went away.
+    let rec = MachineRecord {
+        schema: SCHEMA_VERSION,
+        app: "split".into(),
+        host: "down".into(),
+        machine: m.clone(),
+        addresses: vec![],
+    };
+    t.store
+        .put(
+            &machine_key("split", &m.id),
+            serde_json::to_vec(&rec).unwrap(),
+        )
+        .await
+        .unwrap();
+    t.agents[1].set_down(true);
+    let r = t
+        .call(Method::GET, "/v1/apps/split/machines", Some(tok), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let list = r.body.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{}", r.body);
+    let gone = list.iter().find(|x| x["id"] == m.id.as_str()).unwrap();
+    assert_eq!(gone["host_status"], "unreachable");
+    let r = t.call(Method::GET, "/v1/apps/split", Some(tok), None).await;
+    assert_eq!(r.body["machine_count"], 2);
+    // Calls for a machine on that host fail as a server-side problem, not a 404.
+    let r = t
+        .call(
+            Method::GET,
+            &format!("/v1/apps/split/machines/{}", m.id),
+            Some(tok),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    t.agents[1].set_down(false);
+    let r = t
+        .call(Method::GET, "/v1/apps/split/machines", Some(tok), None)
+        .await;
+    assert!(
+        r.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["host_status"] == "ok")
+    );
+}

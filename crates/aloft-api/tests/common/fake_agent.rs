@@ -28,6 +28,7 @@ pub struct FakeAgent {
     region: String,
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    down: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> i64 {
@@ -57,7 +58,23 @@ impl FakeAgent {
             region: region.into(),
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
+            down: Default::default(),
         }
+    }
+
+    /// Makes listing and reading machines fail as an unreachable host would.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check_up(&self) -> Result<(), AgentError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AgentError::Internal(format!(
+                "host {} unreachable",
+                self.host
+            )));
+        }
+        Ok(())
     }
 
     /// The secrets the API passed with the latest create/update of machine `id`.
@@ -139,6 +156,7 @@ impl FakeAgent {
     }
 
     async fn machine(&self, app: &str, id: &str) -> Result<Machine, AgentError> {
+        self.check_up()?;
         self.inner
             .lock()
             .await
@@ -215,6 +233,7 @@ impl AgentApi for FakeAgent {
     }
 
     async fn list_machines(&self, app: &str) -> Result<Vec<Machine>, AgentError> {
+        self.check_up()?;
         Ok(self
             .inner
             .lock()
