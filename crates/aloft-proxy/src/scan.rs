@@ -26,6 +26,10 @@ impl<S> ScanStream<S> {
     pub(crate) fn new(inner: S, conflict: Arc<AtomicBool>) -> Self {
         ScanStream { inner, conflict }
     }
+
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 /// Does the header block at the start of `buf` name both framing headers?

@@ -25,11 +25,9 @@ use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::balance::{self, Capacity, Choice, Constraints, Lease};
@@ -38,11 +36,11 @@ use crate::routes::{AppRoute, Routes, ServiceRoute};
 use crate::scan::ScanStream;
 use crate::upstream::{self, Head, Sent, UpstreamBody, UpstreamError};
 
-/// Per-connection read buffer bound (bounded memory per connection).
-const READ_BUF_MAX: usize = 128 * 1024;
-
 /// hyper's own limit on header fields when none is set.
 const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Per-connection read buffer bound (bounded memory per connection).
+const READ_BUF_MAX: usize = 128 * 1024;
 
 /// Bodies up to this size are read whole before a machine is chosen.
 const BUFFER_LIMIT: usize = 64 * 1024;
@@ -162,7 +160,6 @@ pub async fn serve(
         cfg,
     });
     let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
-    let graceful = Arc::new(GracefulShutdown::new());
     let accepted = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -170,7 +167,6 @@ pub async fn serve(
     for l in listeners {
         let shared = Arc::clone(&shared);
         let slots = Arc::clone(&slots);
-        let graceful = Arc::clone(&graceful);
         let accepted = Arc::clone(&accepted);
         let mut stop = stop_rx.clone();
         loops.push(tokio::spawn(async move {
@@ -209,23 +205,11 @@ pub async fn serve(
                     port_hv: port_hv.clone(),
                 });
                 let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
-                let mut builder = http1::Builder::new();
-                if shared.cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
-                    // hyper's default count uses an inline array; others allocate.
-                    builder.max_headers(shared.cfg.max_headers);
-                }
-                let conn = builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(shared.cfg.header_read_timeout)
-                    .max_header_size(shared.cfg.max_header_bytes)
-                    .max_buf_size(READ_BUF_MAX.max(shared.cfg.max_header_bytes + 8192))
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
+                let cfg = shared.cfg.clone();
+                let stop = stop.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "client connection ended");
-                    }
+                    serve_connection(stream, svc, &cfg, stop).await;
+                    tracing::trace!(%peer, "client connection closed");
                     drop(permit);
                 });
             }
@@ -237,19 +221,106 @@ pub async fn serve(
     for l in loops {
         let _ = l.await;
     }
-    let drain = shared.cfg.drain_timeout;
-    let open = graceful.count();
-    let cut_at_drain = match Arc::try_unwrap(graceful) {
-        Ok(g) => match tokio::time::timeout(drain, g.shutdown()).await {
-            Ok(()) => 0,
-            Err(_) => open,
-        },
-        // Unreachable: every accept loop holding a clone has ended above.
-        Err(_) => open,
-    };
+    // Every open connection holds a slot: draining is getting all slots back.
+    let max = shared.cfg.max_connections;
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let cut_at_drain =
+        match tokio::time::timeout(shared.cfg.drain_timeout, slots.acquire_many(all)).await {
+            Ok(_) => 0,
+            Err(_) => max.saturating_sub(slots.available_permits()),
+        };
     ServeReport {
         connections: accepted.load(Ordering::Relaxed),
         cut_at_drain,
+    }
+}
+
+/// The HTTP/2 connection preface a client with prior knowledge (h2c) starts with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Does the connection start with the HTTP/2 preface? Peeks without consuming,
+/// deciding as soon as the first bytes differ.
+async fn is_h2c(stream: &ScanStream<TcpStream>) -> std::io::Result<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = stream.get_ref().peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A partial preface: wait for more bytes to arrive.
+        stream.get_ref().readable().await?;
+    }
+}
+
+/// Serve one client connection: HTTP/1.1 (with upgrades) or, when it opens with the
+/// preface, HTTP/2 (h2c). On `stop` the connection finishes its in-flight requests
+/// and closes.
+async fn serve_connection<S>(
+    stream: ScanStream<TcpStream>,
+    svc: S,
+    cfg: &ProxyConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: hyper::service::HttpService<Incoming, ResBody = RespBody> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The header read timeout bounds the wait for a first byte too.
+    let h2 = match tokio::time::timeout(cfg.header_read_timeout, is_h2c(&stream)).await {
+        Ok(Ok(h2)) => h2,
+        _ => return,
+    };
+    let io = TokioIo::new(stream);
+    let result = if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(cfg.max_header_bytes.min(u32::MAX as usize) as u32)
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        let finished = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        match finished {
+            Some(r) => r,
+            None => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        if cfg.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            // hyper's default count uses an inline array; others allocate.
+            b.max_headers(cfg.max_headers);
+        }
+        let conn = b
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_header_size(cfg.max_header_bytes)
+            .max_buf_size(READ_BUF_MAX.max(cfg.max_header_bytes + 8192))
+            .keep_alive(true)
+            .serve_connection(io, svc)
+            .with_upgrades();
+        tokio::pin!(conn);
+        let finished = tokio::select! {
+            r = conn.as_mut() => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        match finished {
+            Some(r) => r,
+            None => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
 }
 
@@ -294,10 +365,11 @@ async fn handle(
     Ok(proxy_request(req, &ctx).await)
 }
 
-async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+    let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
-    // validate: framing and Host.
+    // validate: framing and Host (hyper has enforced the size limits).
     if parts.headers.contains_key(header::TRANSFER_ENCODING)
         && (parts.headers.contains_key(header::CONTENT_LENGTH)
             || ctx.framing_conflict.swap(false, Ordering::Relaxed))
@@ -311,6 +383,16 @@ async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBo
         Ok(h) => h,
         Err(why) => return reply_close(StatusCode::BAD_REQUEST, why),
     };
+    if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority; machines speak HTTP/1.1.
+        if let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
 
     // route.
     let table = ctx.shared.routes.load_full();
@@ -339,7 +421,16 @@ async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBo
 
     // headers.
     let request_id = new_request_id(&ctx.shared.region_suffix);
+    let upgrade_to = upgrade
+        .as_ref()
+        .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(proto) = upgrade_to {
+        parts.headers.insert(header::UPGRADE, proto);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     add_forwarding_headers(&mut parts.headers, ctx, &request_id);
     let prefer_region = header_str(&parts.headers, &FLY_PREFER_REGION).map(str::to_owned);
     let force_instance = header_str(&parts.headers, &FLY_FORCE_INSTANCE).map(str::to_owned);
@@ -367,7 +458,7 @@ async fn proxy_request(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBo
         prefer_region: prefer_region.as_deref(),
         force_instance: force_instance.as_deref(),
     };
-    let mut resp = dispatch(&parts, body, app, svc, &constraints, &ctx.shared).await;
+    let mut resp = dispatch(&parts, body, upgrade, app, svc, &constraints, &ctx.shared).await;
     let h = resp.headers_mut();
     h.insert(FLY_REQUEST_ID.clone(), request_id);
     h.append(header::VIA, ctx.shared.via.clone());
@@ -565,9 +656,11 @@ struct RequestConstraints<'a> {
     force_instance: Option<&'a str>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     parts: &http::request::Parts,
     mut body: ReqBody,
+    mut upgrade: Option<hyper::upgrade::OnUpgrade>,
     app: &AppRoute,
     svc: &ServiceRoute,
     rc: &RequestConstraints<'_>,
@@ -667,6 +760,22 @@ async fn dispatch(
             }
         };
         match exchange.await {
+            Ok((rhead, conn, _)) if rhead.status == StatusCode::SWITCHING_PROTOCOLS => {
+                let Some(on_upgrade) = upgrade.take() else {
+                    return reply(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "machine {} switched protocols without being asked",
+                            backend.machine_id
+                        ),
+                    );
+                };
+                tokio::spawn(tunnel(on_upgrade, conn, lease));
+                let mut resp = Response::new(RespBody::Full(None));
+                *resp.status_mut() = rhead.status;
+                *resp.headers_mut() = rhead.headers;
+                return resp;
+            }
             Ok((rhead, conn, plan)) => {
                 let mut resp =
                     Response::new(RespBody::Upstream(UpstreamBody::new(conn, plan, lease)));
@@ -718,6 +827,42 @@ async fn dispatch(
             app.name
         ),
     )
+}
+
+/// Relay bytes both ways between an upgraded client connection (WebSocket and the
+/// like) and the machine until either side closes; the machine's slot is held as
+/// long as the tunnel lives.
+async fn tunnel(on_upgrade: hyper::upgrade::OnUpgrade, conn: upstream::UpConn, lease: Lease) {
+    use tokio::io::AsyncWriteExt;
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "client upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(upgraded);
+    let (mut machine, early) = conn.into_io();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut machine).await {
+        tracing::debug!(machine = %lease.backend().machine_id, error = %e, "tunnel ended");
+    }
+    drop(lease);
+}
+
+/// Does the client ask to switch protocols (HTTP/1.1 `Connection: upgrade`)?
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// A slot on some machine, waiting up to `queue_timeout` when all are at hard limit.

@@ -91,6 +91,11 @@ pub(crate) struct UpConn {
 }
 
 impl UpConn {
+    /// The socket and any bytes already read past the response head.
+    pub(crate) fn into_io(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+
     /// Is an idle connection still usable? Idle connections have nothing to read; a
     /// readable one has either been closed by the machine or sent garbage.
     fn alive(&mut self) -> bool {
@@ -318,7 +323,9 @@ pub(crate) async fn read_response(
                 Err(e) => return Err((e, got_any)),
                 Ok(None) => {}
                 Ok(Some((head, version, keep_alive_hdr))) => {
-                    if head.status.is_informational() {
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
                         continue;
                     }
                     let plan = plan(&head, method, version, keep_alive_hdr)
@@ -423,7 +430,11 @@ fn plan(
         _ => keep_alive_hdr != Some(false),
     };
     let s = head.status;
-    if *method == Method::HEAD || s == StatusCode::NO_CONTENT || s == StatusCode::NOT_MODIFIED {
+    if *method == Method::HEAD
+        || s.is_informational()
+        || s == StatusCode::NO_CONTENT
+        || s == StatusCode::NOT_MODIFIED
+    {
         return Ok(BodyPlan {
             framing: Framing::Done,
             keep_alive,
