@@ -53,6 +53,8 @@ const READY_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// How long output is still collected after a process ended (grandchildren may hold
 /// the pipes open).
 const OUTPUT_GRACE: Duration = Duration::from_millis(300);
+/// Queued channel bytes above which exec output is left unread.
+const EXEC_BACKLOG: usize = 4 << 20;
 const EV_KEY: u16 = 1;
 const KEY_POWER: u16 = 116;
 
@@ -344,8 +346,16 @@ impl Init {
                     slots.push(Slot::AppOut(i));
                 }
             }
+            // Exec output is not droppable: stop reading it while the channel is backed
+            // up, so the command blocks instead of init's memory growing.
+            let exec_room = self.port.queued_bytes() < EXEC_BACKLOG;
             for (id, e) in &self.execs {
-                for (i, o) in e.outputs.iter().enumerate().filter(|(_, o)| o.open) {
+                for (i, o) in e
+                    .outputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, o)| o.open && exec_room)
+                {
                     fds.push(pollfd(o.file.as_raw_fd(), libc::POLLIN));
                     slots.push(Slot::ExecOut(*id, i));
                 }
@@ -410,7 +420,8 @@ impl Init {
         if let Some(end) = self.app.as_ref().and_then(|a| a.ended_at) {
             t = t.min((end + OUTPUT_GRACE).saturating_duration_since(now));
         }
-        for e in self.execs.values() {
+        let room = self.port.queued_bytes() < EXEC_BACKLOG;
+        for e in self.execs.values().filter(|_| room) {
             if let Some(end) = e.ended_at {
                 t = t.min((end + OUTPUT_GRACE).saturating_duration_since(now));
             }
@@ -654,6 +665,7 @@ impl Init {
 
     /// Reports exec'd commands that ended once their output is in.
     fn finish_execs(&mut self, now: Instant) {
+        let room = self.port.queued_bytes() < EXEC_BACKLOG;
         let done: Vec<u64> = self
             .execs
             .iter()
@@ -661,7 +673,8 @@ impl Init {
                 // A PTY master never reports EOF while the session lives on; once the
                 // child is gone, what is readable is all there is.
                 Some(t) => {
-                    e.outputs.iter().all(|o| !o.open) || e.pty.is_some() || now >= t + OUTPUT_GRACE
+                    e.outputs.iter().all(|o| !o.open)
+                        || (room && (e.pty.is_some() || now >= t + OUTPUT_GRACE))
                 }
                 None => false,
             })

@@ -132,6 +132,12 @@ impl Port {
         self.queue.push_back(Frame { bytes, droppable });
     }
 
+    /// Bytes waiting to be written (all frames).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.iter().map(|f| f.bytes.len()).sum::<usize>()
+            + self.partial.as_ref().map_or(0, |(b, off)| b.len() - off)
+    }
+
     pub fn has_pending(&self) -> bool {
         self.partial.is_some() || !self.queue.is_empty()
     }

@@ -93,7 +93,7 @@ fn busybox_root(work: &Path) -> PathBuf {
     std::fs::copy(busybox, tree.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "cat", "echo", "id", "pwd", "httpd", "sleep", "stty", "test", "hostname", "ls",
-        "true", "[",
+        "true", "[", "wc",
     ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -371,6 +371,24 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
         }
         other => panic!("expected ExecFailed, got {other:?}"),
     }
+
+    // Binary-safe, megabyte-sized output and input.
+    let r = g
+        .chan
+        .exec(&exec(&["cat", "/bin/busybox"]), STEP)
+        .await
+        .unwrap();
+    assert!(
+        r.stdout == std::fs::read("/bin/busybox").unwrap(),
+        "busybox bytes differ"
+    );
+    let mut req = exec(&["wc", "-c"]);
+    req.stdin = vec![7u8; 3 << 20];
+    let r = g.chan.exec(&req, STEP).await.unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        (3 << 20).to_string()
+    );
 
     // init.swap_size_mb
     let r = g

@@ -29,6 +29,8 @@ use tokio::task::JoinHandle;
 const RETRY_EVERY: Duration = Duration::from_millis(20);
 /// How often the host repeats its Hello until the guest handshakes.
 const HOST_HELLO_EVERY: Duration = Duration::from_millis(200);
+/// Largest stdin payload per frame (well under the frame limit once base64-encoded).
+pub const STDIN_CHUNK: usize = 256 * 1024;
 /// Capacity of the event broadcast (log lines included).
 const EVENT_CAPACITY: usize = 16 * 1024;
 
@@ -549,12 +551,21 @@ impl ExecSession {
         self.events.recv().await
     }
 
+    /// Sends stdin data (in frames of at most [`STDIN_CHUNK`] bytes); `eof` closes it.
     pub fn stdin(&self, data: &[u8], eof: bool) -> Result<(), ChannelError> {
-        self.shared.send(HostMessage::ExecStdin {
-            id: self.id,
-            data: data.to_vec(),
-            eof,
-        })
+        let mut chunks: Vec<&[u8]> = data.chunks(STDIN_CHUNK).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            self.shared.send(HostMessage::ExecStdin {
+                id: self.id,
+                data: chunk.to_vec(),
+                eof: eof && i == last,
+            })?;
+        }
+        Ok(())
     }
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ChannelError> {
