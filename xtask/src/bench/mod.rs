@@ -4,6 +4,7 @@
 mod agent;
 mod boot;
 mod image;
+mod platform;
 mod proxy;
 mod store;
 
@@ -20,6 +21,10 @@ pub enum BenchCommand {
     Proxy,
     /// Boot to init/app/port against raw QEMU, resume, QEMU memory.
     Boot,
+    /// Machines API: GET/list latency under 200 clients, create→started.
+    Api,
+    /// A 3-machine rolling deploy end to end, by phase.
+    Deploy,
     /// Agent create→started, start-from-stopped, re-attach after restart, density.
     Agent {
         /// How many idle machines the density and re-attach part runs.
@@ -34,6 +39,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Image => image::run(),
         BenchCommand::Proxy => proxy::run(),
         BenchCommand::Boot => boot::run(),
+        BenchCommand::Api => platform::api(),
+        BenchCommand::Deploy => platform::deploy(),
         BenchCommand::Agent { machines } => agent::run(machines),
     }
 }
