@@ -14,6 +14,7 @@ pub mod extract;
 pub mod machines;
 pub mod openapi;
 pub mod placement;
+pub mod releases;
 pub mod secrets;
 pub mod tokens;
 pub mod util;
@@ -214,6 +215,18 @@ pub fn router(state: ApiState) -> Router {
             get(machines::memory),
         )
         .route("/apps/{app_name}/logs", get(machines::logs))
+        .route(
+            "/apps/{app_name}/releases",
+            get(releases::list).post(releases::create),
+        )
+        .route(
+            "/apps/{app_name}/releases/{version}",
+            get(releases::show).patch(releases::update),
+        )
+        .route(
+            "/apps/{app_name}/releases/{version}/rollback",
+            post(releases::rollback),
+        )
         .route(
             "/apps/{app_name}/volumes",
             get(volumes::list).post(volumes::create),

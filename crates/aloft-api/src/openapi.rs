@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::{apps, error, machines, secrets, tokens, volumes};
+use crate::{apps, error, machines, releases, secrets, tokens, volumes};
 
 /// Schemas of the `aloft-types` shapes the API returns, in Fly's JSON form. They
 /// describe the serialised types (checked by the test suite against real responses);
@@ -207,6 +207,7 @@ pub mod doc {
         machines::metadata_show, machines::metadata_replace, machines::metadata_merge,
         machines::metadata_key, machines::metadata_upsert, machines::metadata_delete,
         machines::versions, machines::memory, machines::logs,
+        releases::list, releases::create, releases::show, releases::update, releases::rollback,
         volumes::list, volumes::create, volumes::show, volumes::destroy, volumes::extend,
         volumes::snapshots,
         tokens::current, tokens::authenticate, tokens::authorize, tokens::deploy_token,

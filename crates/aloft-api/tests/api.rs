@@ -1182,7 +1182,8 @@ async fn every_documented_operation_is_routed() {
                 .replace("{machine_id}", "m")
                 .replace("{volume_id}", "v")
                 .replace("{secret_name}", "S")
-                .replace("{key}", "k");
+                .replace("{key}", "k")
+                .replace("{version}", "1");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let r = t
                 .call(
@@ -1261,4 +1262,132 @@ async fn an_unreachable_host_shows_its_last_published_machines() {
             .iter()
             .all(|x| x["host_status"] == "ok")
     );
+}
+
+#[tokio::test]
+async fn releases_record_deploys_and_roll_back() {
+    let t = TestApi::start(&[("h1", "ams")]).await;
+    t.create_app("rel").await;
+    let tok = t.token(Some("rel"), Role::Deploy).await;
+    let v1 = r#"{"image":"img:1","strategy":"rolling","status":"complete",
+        "configs":{"app":{"image":"img:1","metadata":{"fly_process_group":"app"},"env":{"V":"1"}}}}"#;
+    let r = t
+        .call(Method::POST, "/v1/apps/rel/releases", Some(&tok), Some(v1))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["version"], 1);
+    // Deploy v2 (machines on img:2), recorded as pending, then completed.
+    for _ in 0..2 {
+        let r = t
+            .create_machine(
+                "rel",
+                &tok,
+                r#"{"config":{"image":"img:2","metadata":{"fly_process_group":"app"},"env":{"V":"2"}}}"#,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let r = t
+        .create_machine(
+            "rel",
+            &tok,
+            r#"{"config":{"image":"img:2","metadata":{"fly_process_group":"worker"}}}"#,
+        )
+        .await;
+    let worker = r.body["id"].as_str().unwrap().to_string();
+    let r = t
+        .call(
+            Method::POST,
+            "/v1/apps/rel/releases",
+            Some(&tok),
+            Some(r#"{"image":"img:2"}"#),
+        )
+        .await;
+    assert_eq!(r.body["version"], 2);
+    assert_eq!(r.body["status"], "pending");
+    let r = t
+        .call(
+            Method::PATCH,
+            "/v1/apps/rel/releases/2",
+            Some(&tok),
+            Some(r#"{"status":"complete"}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = t
+        .call(
+            Method::PATCH,
+            "/v1/apps/rel/releases/2",
+            Some(&tok),
+            Some(r#"{"status":"great"}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = t
+        .call(
+            Method::POST,
+            "/v1/apps/rel/releases",
+            Some(&tok),
+            Some(r#"{"strategy":"x"}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Roll back to v1: app machines get v1's config, the worker v1's image.
+    let r = t
+        .call(
+            Method::POST,
+            "/v1/apps/rel/releases/v1/rollback",
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(r.body["version"], 3);
+    assert_eq!(r.body["status"], "complete", "{}", r.body);
+    let r = t
+        .call(Method::GET, "/v1/apps/rel/machines", Some(&tok), None)
+        .await;
+    for m in r.body.as_array().unwrap() {
+        assert_eq!(m["config"]["image"], "img:1", "{m}");
+        if m["id"] == worker.as_str() {
+            assert_eq!(m["config"]["metadata"]["fly_process_group"], "worker");
+        } else {
+            assert_eq!(m["config"]["env"]["V"], "1");
+        }
+    }
+    let r = t
+        .call(Method::GET, "/v1/apps/rel/releases", Some(&tok), None)
+        .await;
+    let versions: Vec<u64> = r.body["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [3, 2, 1]);
+    let r = t
+        .call(Method::GET, "/v1/apps/rel/releases/9", Some(&tok), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = t
+        .call(
+            Method::GET,
+            "/v1/apps/rel/releases/latest",
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Readonly tokens cannot record or roll back.
+    let ro = t.token(Some("rel"), Role::Readonly).await;
+    let r = t
+        .call(
+            Method::POST,
+            "/v1/apps/rel/releases/1/rollback",
+            Some(&ro),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
 }

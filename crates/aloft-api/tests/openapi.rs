@@ -72,7 +72,14 @@ fn known_missing() -> BTreeMap<&'static str, &'static [&'static str]> {
 }
 
 /// Aloft's own operations (not in Fly's Machines API).
-const ALOFT_ONLY: &[&str] = &["Logs_list"];
+const ALOFT_ONLY: &[&str] = &[
+    "Logs_list",
+    "Releases_list",
+    "Releases_create",
+    "Releases_show",
+    "Releases_update",
+    "Releases_rollback",
+];
 
 /// Response fields we add to Fly's shapes.
 const EXTRA_RESPONSE_FIELDS: &[(&str, &str)] = &[
