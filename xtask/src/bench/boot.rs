@@ -533,10 +533,16 @@ pub struct AloftRun {
     /// `start()` returned (QEMU daemonized, QMP attached).
     pub start_ms: f64,
     pub handshake_ms: f64,
+    /// When the guest's PID 1 began: the `InitStarted` arrival minus the guest's own
+    /// count of how long init ran before sending it (its `Hello` carries the start).
+    pub pid1_ms: f64,
+    /// `InitStarted`: aloft-init has switched root, mounted and set up the network.
     pub init_ms: f64,
     pub app_ms: f64,
     pub ready_ms: f64,
     pub http_ms: f64,
+    /// aloft-init's own phase line from the console (modules, root, mounts, network).
+    pub phases: String,
     pub vm: QemuVm,
     pub chan: GuestChannel,
 }
@@ -559,13 +565,18 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
     // The first time each report shows up in the channel state.
     let mut st = chan.state();
     let (mut init, mut app, mut ready) = (None, None, None);
+    let mut pid1 = None;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
         {
             let s = st.borrow_and_update();
             let now = ms(t0);
-            if init.is_none() && s.init_started_ms.is_some() {
+            if init.is_none()
+                && let Some(at) = s.init_started_ms
+            {
                 init = Some(now);
+                let ran = at.saturating_sub(s.boot_ms.unwrap_or(at));
+                pid1 = Some(now - ran as f64);
             }
             if app.is_none() && s.app_pid.is_some() {
                 app = Some(now);
@@ -594,9 +605,19 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         vm.kill();
         bail!("no HTTP 200 through the forward within {LIMIT:?}");
     };
+    let phases = std::fs::read_to_string(vm.console_log())
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.split_once("aloft-init: set up at ")
+                .map(|(_, p)| p.trim().to_string())
+        })
+        .unwrap_or_default();
     Ok(AloftRun {
         start_ms,
         handshake_ms,
+        pid1_ms: pid1.unwrap_or(handshake_ms),
+        phases,
         init_ms: init.unwrap_or(handshake_ms),
         app_ms: app.unwrap_or(handshake_ms),
         ready_ms: ready.unwrap_or(handshake_ms),
@@ -853,6 +874,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             let m = aloft_machine(env, &root, &format!("r{round}-{label}"), tb).await?;
             let r = aloft_boot(&m).await?;
             t.push(&format!("aloft.{label}.start_returned"), r.start_ms);
+            t.push(&format!("aloft.{label}.pid1_started"), r.pid1_ms);
             t.push(&format!("aloft.{label}.handshake"), r.handshake_ms);
             t.push(&format!("aloft.{label}.init_started"), r.init_ms);
             t.push(&format!("aloft.{label}.app_started"), r.app_ms);
@@ -862,6 +884,9 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 " | {label} init {:.0} ready {:.0} http {:.0}",
                 r.init_ms, r.ready_ms, r.http_ms
             ));
+            if tb == Some(32) && round == 1 {
+                println!("    aloft-init phases (guest clock): {}", r.phases);
+            }
             if tb == Some(32) {
                 let res = aloft_suspend_resume(&m, r).await?;
                 t.push("aloft.tb32.suspend", res.suspend_ms);
@@ -888,6 +913,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
     for (_, label) in TB_VARIANTS {
         let c = |s: &str| format!("aloft.{label}.{s}");
         report(&t, &c("start_returned"), None, None);
+        report(&t, &c("pid1_started"), Some("floor.init_marker"), None);
         report(&t, &c("handshake"), Some("floor.init_marker"), None);
         report(
             &t,
