@@ -455,10 +455,10 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
 
     // dispatch.
     let constraints = RequestConstraints {
-        prefer_region: prefer_region.as_deref(),
-        force_instance: force_instance.as_deref(),
+        prefer_region,
+        force_instance,
     };
-    let mut resp = dispatch(&parts, body, upgrade, app, svc, &constraints, &ctx.shared).await;
+    let mut resp = dispatch(parts, body, upgrade, app, svc, constraints, &ctx.shared).await;
     let h = resp.headers_mut();
     h.insert(FLY_REQUEST_ID.clone(), request_id);
     h.append(header::VIA, ctx.shared.via.clone());
@@ -651,23 +651,57 @@ async fn read_body_start(
     }
 }
 
-struct RequestConstraints<'a> {
-    prefer_region: Option<&'a str>,
-    force_instance: Option<&'a str>,
+struct RequestConstraints {
+    prefer_region: Option<String>,
+    force_instance: Option<String>,
 }
+
+/// Where a machine's `fly-replay` response header sends the request next.
+#[derive(Debug, Default, PartialEq)]
+struct Replay {
+    region: Option<String>,
+    instance: Option<String>,
+    elsewhere: bool,
+    /// Another app: not supported (the request is answered with 502).
+    app: Option<String>,
+}
+
+/// Parse `fly-replay: region=ams;instance=abc;elsewhere=true` (`,` also separates).
+fn parse_replay(v: &str) -> Replay {
+    let mut r = Replay::default();
+    for field in v.split([';', ',']) {
+        let Some((k, val)) = field.split_once('=') else {
+            continue;
+        };
+        let val = val.trim().to_string();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "region" => r.region = Some(val),
+            "instance" => r.instance = Some(val),
+            "elsewhere" => r.elsewhere = val == "true",
+            "app" => r.app = Some(val),
+            _ => {}
+        }
+    }
+    r
+}
+
+static FLY_REPLAY: HeaderName = HeaderName::from_static("fly-replay");
+static FLY_REPLAY_SRC: HeaderName = HeaderName::from_static("fly-replay-src");
+/// Replays one request may go through (a machine replaying to itself stops here).
+const MAX_REPLAYS: usize = 2;
 
 #[allow(clippy::too_many_arguments)]
 async fn dispatch(
-    parts: &http::request::Parts,
+    mut parts: http::request::Parts,
     mut body: ReqBody,
     mut upgrade: Option<hyper::upgrade::OnUpgrade>,
     app: &AppRoute,
     svc: &ServiceRoute,
-    rc: &RequestConstraints<'_>,
+    mut rc: RequestConstraints,
     shared: &Shared,
 ) -> Response<RespBody> {
     let cfg = &shared.cfg;
-    if let Some(id) = rc.force_instance {
+    if let Some(id) = rc.force_instance.as_deref() {
         match app.machine_states.get(id) {
             None => {
                 return reply(
@@ -690,11 +724,6 @@ async fn dispatch(
             Some(_) => {}
         }
     }
-    let head = Head {
-        method: &parts.method,
-        target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
-        headers: &parts.headers,
-    };
     let idempotent = matches!(
         parts.method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -702,11 +731,12 @@ async fn dispatch(
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = String::new();
     let mut attempts = 0;
+    let mut replays = 0;
     while attempts < cfg.max_attempts {
         attempts += 1;
         let constraints = Constraints {
-            prefer_region: rc.prefer_region,
-            force_instance: rc.force_instance,
+            prefer_region: rc.prefer_region.as_deref(),
+            force_instance: rc.force_instance.as_deref(),
             exclude: &tried,
         };
         let lease = match admit(app, svc, &constraints, shared).await {
@@ -733,6 +763,11 @@ async fn dispatch(
         let reused = conn.reused;
         let mut sent = Sent { body_pulled: false };
         let addr = backend.addr;
+        let head = Head {
+            method: &parts.method,
+            target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+            headers: &parts.headers,
+        };
         let exchange = async {
             upstream::write_request(
                 &mut conn,
@@ -775,6 +810,45 @@ async fn dispatch(
                 *resp.status_mut() = rhead.status;
                 *resp.headers_mut() = rhead.headers;
                 return resp;
+            }
+            Ok((rhead, _, _))
+                if rhead.headers.contains_key(&FLY_REPLAY)
+                    && replays < MAX_REPLAYS
+                    && !matches!(body, ReqBody::Stream { .. }) =>
+            {
+                // The machine asks for the request to be replayed elsewhere; its own
+                // response (and connection) is dropped.
+                let replay = rhead
+                    .headers
+                    .get(&FLY_REPLAY)
+                    .and_then(|v| v.to_str().ok())
+                    .map(parse_replay)
+                    .unwrap_or_default();
+                if let Some(other) = replay.app.filter(|a| **a != *app.name) {
+                    return reply(
+                        StatusCode::BAD_GATEWAY,
+                        format!("fly-replay to another app ({other}) is not supported"),
+                    );
+                }
+                replays += 1;
+                attempts = 0;
+                let src = format!(
+                    "instance={};region={};state=replayed",
+                    backend.machine_id, backend.region
+                );
+                if let Ok(v) = HeaderValue::from_str(&src) {
+                    parts.headers.insert(FLY_REPLAY_SRC.clone(), v);
+                }
+                if replay.elsewhere {
+                    tried.push(Arc::as_ptr(&backend) as usize);
+                }
+                if replay.region.is_some() {
+                    rc.prefer_region = replay.region;
+                }
+                if replay.instance.is_some() {
+                    rc.force_instance = replay.instance;
+                }
+                continue;
             }
             Ok((rhead, conn, plan)) => {
                 let mut resp =
@@ -944,6 +1018,15 @@ mod tests {
         assert_eq!(split_host("a:b"), None);
         assert_eq!(split_host("a/b"), None);
         assert_eq!(split_host("[::1]x"), None);
+    }
+
+    #[test]
+    fn replay_header_parses() {
+        let r = parse_replay("region=ams;elsewhere=true, instance=m1");
+        assert_eq!(r.region.as_deref(), Some("ams"));
+        assert_eq!(r.instance.as_deref(), Some("m1"));
+        assert!(r.elsewhere);
+        assert_eq!(parse_replay("junk"), Replay::default());
     }
 
     #[test]

@@ -520,3 +520,40 @@ async fn h2c_prior_knowledge_is_served() {
     }
     assert_eq!(a.seen()[0].headers["host"], "web.test");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fly_replay_sends_the_request_to_the_named_region() {
+    let near = raw_backend(
+        b"HTTP/1.1 409 Conflict\r\nfly-replay: region=fra\r\nContent-Length: 7\r\n\r\nreplay!",
+        false,
+    )
+    .await;
+    let far = TestBackend::start("far").await;
+    let proxy = TestProxy::start(
+        spec(10, 20, &[("near", "local", near), ("far", "fra", far.addr)]),
+        |_| {},
+    )
+    .await;
+    let mut cl = Client::connect(proxy.addr).await;
+    let g = cl.get("/r", &[]).await;
+    assert_eq!(g.status, StatusCode::OK, "{}", g.body);
+    assert_eq!(g.body, "far");
+    let seen = far.seen();
+    let src = seen[0].headers["fly-replay-src"].to_str().unwrap();
+    assert!(
+        src.contains("instance=near") && src.contains("region=local"),
+        "{src}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_https_redirects() {
+    let a = TestBackend::start("a").await;
+    let mut s = spec(10, 20, &[("a", "local", a.addr)]);
+    s.apps[0].services[0].ports[0].force_https = true;
+    let proxy = TestProxy::start(s, |_| {}).await;
+    let g = Client::connect(proxy.addr).await.get("/x?y=1", &[]).await;
+    assert_eq!(g.status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(g.headers["location"], "https://web.test/x?y=1");
+    assert!(a.seen().is_empty());
+}
