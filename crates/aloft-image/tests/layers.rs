@@ -205,6 +205,15 @@ fn symlink_escape_is_refused() {
         None,
         &["esc/pwned", "outside the root"],
     );
+    // A whiteout through the same kind of link must not delete outside either.
+    refused(
+        layer_tar(&[
+            E::Symlink("esc", "../../../../../../../../../../../../tmp"),
+            E::Whiteout("esc/.wh.victim"),
+        ]),
+        None,
+        &["esc/.wh.victim", "outside the root"],
+    );
 }
 
 #[test]
