@@ -917,9 +917,17 @@ fn launch_then_deploy_creates_then_rolls() {
     assert_eq!(again.status.code(), Some(1));
     assert!(stderr(&again).contains("fly.toml already exists"));
 
+    // A machine made by hand is not the deploy's to change.
+    let manual = h.json(&["machine", "run", "registry.local/tool:1", "--json"]);
+    let manual = manual["id"].as_str().unwrap().to_string();
+
     // First deploy: one machine in the primary region.
     h.ok(&["deploy"]);
-    let ms = h.machines("web");
+    let ms: Vec<Machine> = h
+        .machines("web")
+        .into_iter()
+        .filter(|m| m.id != manual)
+        .collect();
     assert_eq!(ms.len(), 1);
     let first = ms[0].clone();
     assert_eq!(first.region, "ams");
@@ -939,8 +947,11 @@ fn launch_then_deploy_creates_then_rolls() {
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["release_version"], 2);
     assert_eq!(report["groups"][0]["updated"][0], first.id.as_str());
-    let ms = h.machines("web");
-    assert_eq!(ms.len(), 1);
+    let all = h.machines("web");
+    assert_eq!(all.len(), 2);
+    let untouched = all.iter().find(|m| m.id == manual).unwrap();
+    assert_eq!(untouched.config.image, "registry.local/tool:1");
+    let ms: Vec<Machine> = all.into_iter().filter(|m| m.id != manual).collect();
     assert_eq!(ms[0].id, first.id);
     assert_ne!(ms[0].instance_id, first.instance_id);
     assert_eq!(ms[0].config.image, "registry.local/web:v2");
@@ -949,7 +960,8 @@ fn launch_then_deploy_creates_then_rolls() {
     let out = h.ok(&["logs", "--json"]);
     let lines: Vec<Value> = out
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["machine_id"] == first.id.as_str())
         .collect();
     let msgs: Vec<&str> = lines
         .iter()
@@ -962,7 +974,6 @@ fn launch_then_deploy_creates_then_rolls() {
             "booted registry.local/web:v2"
         ]
     );
-    assert!(lines.iter().all(|l| l["machine_id"] == first.id.as_str()));
     let text = h.ok(&["logs", "--machine", &first.id]);
     assert!(
         text.contains(&format!(
@@ -978,7 +989,16 @@ fn launch_then_deploy_creates_then_rolls() {
     assert!(text.contains(&first.id) && text.contains("v2"), "{text}");
     let st = h.json(&["status", "--json"]);
     assert_eq!(st["app"]["name"], "web");
-    assert_eq!(st["machines"][0]["id"], first.id.as_str());
+    let ids: Vec<&str> = st["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&first.id.as_str()) && ids.contains(&manual.as_str()),
+        "{st}"
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use aloft_types::appconfig::{self, AppConfig};
 use aloft_types::datadir::DataDir;
 use aloft_types::machine::{
-    METADATA_PROCESS_GROUP, Machine, MachineConfig, MachineRestart, MachineState,
-    RELEASE_COMMAND_GROUP,
+    METADATA_PLATFORM_VERSION, METADATA_PROCESS_GROUP, Machine, MachineConfig, MachineRestart,
+    MachineState, PLATFORM_VERSION_V2, RELEASE_COMMAND_GROUP,
 };
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
@@ -234,13 +234,21 @@ async fn deploy(
         Err(e) => return Err(anyhow!(e).context(format!("app {app}"))),
     }
     let all = api.list_machines(app).await?;
-    let live: Vec<Machine> = all
+    let (live, unmanaged): (Vec<Machine>, Vec<Machine>) = all
         .into_iter()
         .filter(|m| {
             !matches!(m.state, MachineState::Destroyed | MachineState::Destroying)
                 && machine_group(m) != RELEASE_COMMAND_GROUP
         })
-        .collect();
+        .partition(is_deployed);
+    if !unmanaged.is_empty() {
+        let ids: Vec<&str> = unmanaged.iter().map(|m| m.id.as_str()).collect();
+        progress.done(format!(
+            "leaving {} machine(s) not made by a deploy alone: {}",
+            ids.len(),
+            ids.join(", ")
+        ));
+    }
     let version = live
         .iter()
         .filter_map(|m| m.config.metadata.get(METADATA_RELEASE_VERSION))
@@ -415,6 +423,15 @@ fn leased(api: &Api, leases: &HashMap<String, String>, id: &str) -> Api {
     leases
         .get(id)
         .map_or_else(|| api.clone(), |n| api.with_lease(n))
+}
+
+/// Was this machine made by a deploy (fly.toml's platform metadata), rather than by
+/// `aloft machine run` or the API directly? Only those are deploy's to change.
+pub fn is_deployed(m: &Machine) -> bool {
+    m.config
+        .metadata
+        .get(METADATA_PLATFORM_VERSION)
+        .is_some_and(|v| v == PLATFORM_VERSION_V2)
 }
 
 /// A volume belongs to one machine; temporary machines go without mounts.

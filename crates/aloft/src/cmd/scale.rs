@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::client::{Api, block_on};
 use super::common::{AppArgs, Progress, machine_group, parse_duration, print_json};
-use super::deploy::{attach_volumes, wait_healthy};
+use super::deploy::{attach_volumes, is_deployed, wait_healthy};
 
 #[derive(Args, Debug)]
 pub struct ScaleArgs {
@@ -93,7 +93,7 @@ pub fn run(args: ScaleArgs, data_dir: &DataDir) -> Result<ExitCode> {
                     .list_machines(&app)
                     .await?
                     .into_iter()
-                    .filter(|m| live(m) && machine_group(m) == group)
+                    .filter(|m| live(m) && is_deployed(m) && machine_group(m) == group)
                     .collect();
                 let Some(template) = machines.first().cloned() else {
                     bail!(
