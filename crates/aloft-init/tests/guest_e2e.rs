@@ -157,6 +157,21 @@ struct Guest {
 }
 
 async fn boot(cfg: &RunConfig, network: VmNetwork, volumes: Vec<PathBuf>, memory_mb: u32) -> Guest {
+    boot_raw(
+        serde_json::to_vec(cfg).unwrap(),
+        network,
+        volumes,
+        memory_mb,
+    )
+    .await
+}
+
+async fn boot_raw(
+    run_json: Vec<u8>,
+    network: VmNetwork,
+    volumes: Vec<PathBuf>,
+    memory_mb: u32,
+) -> Guest {
     let work = tempfile::tempdir().unwrap();
     let root = busybox_root(work.path());
     let spec = VmSpec {
@@ -169,7 +184,7 @@ async fn boot(cfg: &RunConfig, network: VmNetwork, volumes: Vec<PathBuf>, memory
         root_base: root,
         volumes,
         network,
-        run_json: serde_json::to_vec(cfg).unwrap(),
+        run_json,
         accel: Accel::Auto,
         tcg_tb_size_mb: Some(32),
     };
@@ -605,6 +620,38 @@ async fn logs_kept_while_host_away_then_power_button_stops_with_kill_signal() {
         g.logs
     );
     assert!(g.logs.iter().any(|l| l == "got-int"), "{:?}", g.logs);
+    g.powered_off().await;
+}
+
+#[tokio::test]
+async fn bad_run_config_is_reported_and_the_guest_powers_off() {
+    let mut json = serde_json::to_value(base_config("e2e-bad", &["/bin/true"])).unwrap();
+    json["bogus_field"] = serde_json::json!(1);
+    let mut g = boot_raw(
+        serde_json::to_vec(&json).unwrap(),
+        VmNetwork::None,
+        vec![],
+        128,
+    )
+    .await;
+    let err = g
+        .until("Error", BOOT, |m| matches!(m, GuestMessage::Error { .. }))
+        .await;
+    let GuestMessage::Error { message } = err else {
+        unreachable!()
+    };
+    assert!(
+        message.contains("/run.json") && message.contains("bogus_field"),
+        "{message}"
+    );
+    assert_eq!(
+        g.exit().await,
+        GuestExit {
+            code: None,
+            signal: None,
+            oom: false
+        }
+    );
     g.powered_off().await;
 }
 
