@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use aloft_store::{Expect, StoreError};
+use aloft_store::{Expect, Op, StoreError};
 use aloft_types::catalog::{AppRecord, SCHEMA_VERSION, app_key};
 use aloft_types::machine::MachineState;
 use axum::extract::{Path, State};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::ApiState;
-use crate::auth::{OrgRecord, Principal, org_key, read_record};
+use crate::auth::{OrgRecord, Principal, TokenRecord, org_key, read_record};
 use crate::error::{ApiError, ErrorResponse};
 use crate::extract::{JsonBody, QueryPairs};
 use crate::secrets::{self, AppSecret};
@@ -272,8 +272,37 @@ pub async fn destroy(
             a.destroy_volume(&app, &v.id).await?;
         }
     }
-    secrets::delete_all(&state, &app).await?;
-    state.store().delete(&app_key(&app), Expect::Any).await?;
+    // In one batch: the app, its secrets, its releases and the tokens limited to it
+    // (so that a new app of the same name is not open to the old app's tokens).
+    let mut keys = vec![app_key(&app)];
+    if state
+        .store()
+        .get(&secrets::secrets_key(&app))
+        .await?
+        .is_some()
+    {
+        keys.push(secrets::secrets_key(&app));
+    }
+    let releases = state
+        .store()
+        .list(&crate::releases::releases_prefix(&app))
+        .await?;
+    keys.extend(releases.entries.into_iter().map(|e| e.key));
+    for e in state.store().list("tokens/").await?.entries {
+        if serde_json::from_slice::<TokenRecord>(&e.value)
+            .is_ok_and(|t| t.app.as_deref() == Some(app.as_str()))
+        {
+            keys.push(e.key);
+        }
+    }
+    let ops = keys
+        .into_iter()
+        .map(|key| Op::Delete {
+            key,
+            expect: Expect::Any,
+        })
+        .collect();
+    state.store().apply(ops).await?;
     Ok(StatusCode::ACCEPTED)
 }
 

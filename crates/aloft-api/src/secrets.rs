@@ -288,12 +288,6 @@ pub async fn update(
     Err(SecretsError::Contended(app.to_string()))
 }
 
-/// Deletes every secret of an app (when the app is destroyed).
-pub async fn delete_all(state: &ApiState, app: &str) -> Result<(), SecretsError> {
-    state.store().delete(&secrets_key(app), Expect::Any).await?;
-    Ok(())
-}
-
 /// One secret's listing entry, or NotFound.
 pub async fn get(state: &ApiState, app: &str, name: &str) -> Result<AppSecret, SecretsError> {
     let (rec, _) = load(state.store(), app).await?;

@@ -231,10 +231,48 @@ async fn tokens_scope_apps_and_roles() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 
+    // Other schemes: Fly's `FlyV1` header works like Bearer.
+    let r = t
+        .call_with(
+            Method::GET,
+            "/v1/apps/app-a",
+            None,
+            None,
+            &[("authorization", &format!("FlyV1 {a_read}"))],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+
+    // Destroying an app revokes the tokens limited to it: a new app of the same name
+    // is not open to them.
+    let r = t
+        .call(
+            Method::POST,
+            "/v1/apps/app-a/secrets",
+            Some(&a_deploy),
+            Some(r#"{"values":{"K":"v"}}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = t
+        .call(Method::DELETE, "/v1/apps/app-a", Some(&t.admin), None)
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
+    assert!(t.store.get("secrets/app-a").await.unwrap().is_none());
+    t.create_app("app-a").await;
+    let r = t
+        .call(Method::GET, "/v1/apps/app-a", Some(&a_deploy), None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = t
+        .call(Method::GET, "/v1/apps/app-a/secrets", Some(&t.admin), None)
+        .await;
+    assert_eq!(r.body["secrets"], serde_json::json!([]));
+
     // Tokens are stored hashed: the secret part never appears in the catalog.
     let listing = t.store.list("tokens/").await.unwrap();
     assert!(listing.entries.len() >= 3);
-    for tok in [&a_deploy, &a_read, &t.admin] {
+    for tok in [&b_tok, &t.admin] {
         let secret = tok.rsplit('_').next().unwrap();
         for e in &listing.entries {
             assert!(!String::from_utf8_lossy(&e.value).contains(secret));
