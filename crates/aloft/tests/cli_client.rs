@@ -1410,3 +1410,46 @@ fn deploy_leases_machines_and_respects_others_leases() {
     assert_eq!(h.machines("web")[0].config.image, "registry.local/web:v2");
     assert!(h.rt.block_on(h.agents[0].get_lease("web", &m.id)).is_err());
 }
+
+#[test]
+fn auth_login_saves_the_api_for_later_commands() {
+    let h = Harness::start(&[("h1", "ams")]);
+    let run = |args: &[&str]| aloft_in(&h.work(), h.dir.path(), args, &[]);
+    // A bad token is not saved.
+    let out = run(&["auth", "login", "--api-url", &h.url, "--token", "bogus"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!h.dir.path().join("home/.config/aloft/config.json").exists());
+
+    let out = run(&["auth", "login", "--api-url", &h.url, "--token", &h.token]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved = h.dir.path().join("home/.config/aloft/config.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&saved).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the token file is private");
+    let out = run(&["apps", "create", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["auth", "whoami", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let who: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(who["api_url"], h.url.as_str());
+    assert_eq!(who["source"], saved.display().to_string());
+
+    // Deploying an app that does not exist says what to do.
+    h.write(
+        "fly.toml",
+        &HEALTHY_TOML.replace("app = \"web\"", "app = \"ghost\""),
+    );
+    let out = run(&["deploy"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("app ghost does not exist: run `aloft launch`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run(&["auth", "logout"]);
+    assert!(out.status.success());
+    let out = run(&["apps", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("no API"), "{}", stderr(&out));
+}
