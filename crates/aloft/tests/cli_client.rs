@@ -1453,3 +1453,62 @@ fn auth_login_saves_the_api_for_later_commands() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("no API"), "{}", stderr(&out));
 }
+
+#[test]
+fn logs_follow_prints_new_lines_as_they_come() {
+    use std::io::BufRead;
+    let h = Harness::start(&[("h1", "ams")]);
+    h.ok(&["apps", "create", "web"]);
+    let m = h.json(&[
+        "machine",
+        "run",
+        "registry.local/web:v1",
+        "-a",
+        "web",
+        "--json",
+    ]);
+    let id = m["id"].as_str().unwrap().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_aloft"))
+        .args(["logs", "-f", "--json", "-a", "web"])
+        .current_dir(h.work())
+        .env("HOME", h.dir.path().join("home"))
+        .env("ALOFT_DATA_DIR", h.dir.path().join("data"))
+        .env("ALOFT_API_URL", &h.url)
+        .env("ALOFT_API_TOKEN", &h.token)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| -> Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no log line for {what} within 20s"));
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(
+        next("the first boot")["message"],
+        "booted registry.local/web:v1"
+    );
+    // A restart boots again; the follower sees it without being asked twice.
+    h.ok(&["machine", "restart", &id, "-a", "web"]);
+    let l = next("the restart");
+    assert_eq!(
+        (l["machine_id"].as_str(), l["message"].as_str()),
+        (Some(id.as_str()), Some("booted registry.local/web:v1"))
+    );
+    // Nothing is printed twice.
+    assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
