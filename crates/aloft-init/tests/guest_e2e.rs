@@ -149,6 +149,7 @@ fn free_port() -> u16 {
 }
 
 struct Guest {
+    spec: VmSpec,
     vm: Box<dyn Vm>,
     chan: GuestChannel,
     events: broadcast::Receiver<GuestMessage>,
@@ -200,6 +201,7 @@ async fn boot_raw(
     };
     let events = chan.events();
     Guest {
+        spec,
         vm,
         chan,
         events,
@@ -455,12 +457,17 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
 
     // An agent restart: a new client handshakes again and is served.
     let Guest {
-        vm, chan, _work, ..
+        spec,
+        vm,
+        chan,
+        _work,
+        ..
     } = g;
     drop(chan);
     let chan = GuestChannel::connect(vm.ctl_socket(), STEP).await.unwrap();
     let events = chan.events();
     let g = Guest {
+        spec,
         vm,
         chan,
         events,
@@ -562,6 +569,7 @@ async fn logs_kept_while_host_away_then_power_button_stops_with_kill_signal() {
     let g = boot(&cfg, VmNetwork::None, vec![], 128).await;
     // The host goes away (agent restart) while the app keeps logging.
     let Guest {
+        spec,
         vm,
         chan,
         mut events,
@@ -584,6 +592,7 @@ async fn logs_kept_while_host_away_then_power_button_stops_with_kill_signal() {
     let chan = GuestChannel::connect(vm.ctl_socket(), STEP).await.unwrap();
     let events = chan.events();
     let mut g = Guest {
+        spec,
         vm,
         chan,
         events,
@@ -620,6 +629,56 @@ async fn logs_kept_while_host_away_then_power_button_stops_with_kill_signal() {
         g.logs
     );
     assert!(g.logs.iter().any(|l| l == "got-int"), "{:?}", g.logs);
+    g.powered_off().await;
+}
+
+#[tokio::test]
+async fn suspend_and_resume_keep_the_guest_and_its_channel() {
+    let cfg = base_config("e2e-suspend", &["/bin/sleep", "1000"]);
+    let mut g = boot(&cfg, VmNetwork::None, vec![], 128).await;
+    g.until("AppStarted", BOOT, |m| {
+        matches!(m, GuestMessage::AppStarted { .. })
+    })
+    .await;
+    let r = g
+        .chan
+        .exec(&exec(&["sh", "-c", "echo kept > /tmp/marker"]), STEP)
+        .await
+        .unwrap();
+    assert_eq!(r.code, Some(0));
+    let state = g.spec.dir.join("suspend.state");
+    let Guest {
+        spec,
+        vm,
+        chan,
+        _work,
+        ..
+    } = g;
+    drop(chan);
+    vm.suspend(&state).await.unwrap();
+    assert!(vm.wait_exit(STEP).await);
+    let vm = QemuVmm.start(&spec, Some(&state)).await.unwrap();
+    vm.finish_resume().await.unwrap();
+    let chan = GuestChannel::connect(vm.ctl_socket(), STEP).await.unwrap();
+    let events = chan.events();
+    let g = Guest {
+        spec,
+        vm,
+        chan,
+        events,
+        logs: Vec::new(),
+        _work,
+    };
+    // The same guest (its tmpfs survived), not a reboot.
+    let r = g
+        .chan
+        .exec(&exec(&["cat", "/tmp/marker"]), STEP)
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, b"kept\n", "{r:?}");
+    assert_eq!(g.chan.state().borrow().init_started_ms, None);
+    let exit = g.chan.stop(15, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(exit.signal, Some(15));
     g.powered_off().await;
 }
 
