@@ -294,6 +294,21 @@ pub async fn list(
     Ok(Json(out))
 }
 
+/// Longest lease (seconds) and exec (seconds) a client may ask for.
+pub const MAX_LEASE_SECS: u64 = 7 * 24 * 3600;
+pub const MAX_EXEC_SECS: u64 = 3600;
+
+/// A seconds field: absent or 0 means `default`; above `max` is refused.
+fn bounded(field: &str, v: Option<u64>, default: u64, max: u64) -> Result<u64, ApiError> {
+    match v {
+        None | Some(0) => Ok(default),
+        Some(s) if s <= max => Ok(s),
+        Some(s) => Err(ApiError::BadRequest(format!(
+            "invalid field `{field}`: {s} seconds is more than the maximum of {max}"
+        ))),
+    }
+}
+
 fn check_config(config: &MachineConfig) -> Result<(), ApiError> {
     if config.image.trim().is_empty() {
         return Err(ApiError::BadRequest(
@@ -313,6 +328,9 @@ pub async fn create(
     JsonBody(req): JsonBody<CreateMachineRequest>,
 ) -> Result<Json<Machine>, ApiError> {
     check_config(&req.config)?;
+    if req.lease_ttl.is_some() {
+        bounded("lease_ttl", req.lease_ttl, 0, MAX_LEASE_SECS)?;
+    }
     let agent = placement::place_machine(&state, &app, req.region.as_deref(), &req.config).await?;
     let secrets = if req.skip_secrets {
         BTreeMap::new()
@@ -665,7 +683,7 @@ pub async fn lease_create(
     headers: HeaderMap,
     OptJsonBody(req): OptJsonBody<CreateLeaseRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let ttl = req.ttl.filter(|t| *t > 0).unwrap_or(30);
+    let ttl = bounded("ttl", req.ttl, 30, MAX_LEASE_SECS)?;
     let a = machine_agent(&state, &app, &id).await?;
     let lease = a
         .acquire_lease(
@@ -718,7 +736,7 @@ pub async fn exec(
             .filter(|c| !c.is_empty())
             .ok_or_else(|| ApiError::BadRequest("field `command` is required".into()))?
     };
-    let timeout = Duration::from_secs(req.timeout.filter(|t| *t > 0).unwrap_or(30));
+    let timeout = Duration::from_secs(bounded("timeout", req.timeout, 30, MAX_EXEC_SECS)?);
     let a = machine_agent(&state, &app, &id).await?;
     let out = a.exec(&app, &id, command, timeout).await?;
     Ok(Json(ExecResponse {

@@ -687,6 +687,25 @@ async fn leases_conflict_and_wait_timeout() {
         )
         .await;
     assert_eq!(r.status, StatusCode::CREATED);
+    let r = t
+        .call(
+            Method::POST,
+            &format!("{base}/lease"),
+            Some(&tok),
+            Some(r#"{"ttl":18446744073709551615}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("ttl"));
+    let r = t
+        .call(
+            Method::POST,
+            &format!("{base}/lease"),
+            Some(&tok),
+            Some(r#"{"ttl":-5}"#),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
     // Release needs the header.
     let r = t
         .call(Method::DELETE, &format!("{base}/lease"), Some(&tok), None)
