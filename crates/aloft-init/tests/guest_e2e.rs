@@ -93,7 +93,7 @@ fn busybox_root(work: &Path) -> PathBuf {
     std::fs::copy(busybox, tree.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "cat", "echo", "id", "pwd", "httpd", "sleep", "stty", "test", "hostname", "ls",
-        "true", "[", "wc",
+        "true", "[", "wc", "ip",
     ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -302,8 +302,10 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
     cfg.network = NetworkConfig {
         interfaces: vec![InterfaceConfig {
             name: "eth0".into(),
-            addresses: vec!["10.0.2.15/24".into()],
+            addresses: vec!["10.0.2.15/24".into(), "fdaa::2/64".into()],
             gateway4: Some("10.0.2.2".into()),
+            gateway6: Some("fdaa::1".into()),
+            mtu: Some(1400),
             ..Default::default()
         }],
         dns_servers: vec!["10.0.2.3".into()],
@@ -387,6 +389,31 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
             assert!(message.contains("no-such-program"), "{message}")
         }
         other => panic!("expected ExecFailed, got {other:?}"),
+    }
+
+    // Addresses, routes, MTU and resolver as configured.
+    let r = g
+        .chan
+        .exec(
+            &exec(&[
+                "sh",
+                "-c",
+                "ip addr show eth0; ip route; ip -6 route; cat /etc/resolv.conf",
+            ]),
+            STEP,
+        )
+        .await
+        .unwrap();
+    let net = String::from_utf8_lossy(&r.stdout);
+    for want in [
+        "mtu 1400",
+        "inet 10.0.2.15/24",
+        "inet6 fdaa::2/64",
+        "default via 10.0.2.2 dev eth0",
+        "default via fdaa::1 dev eth0",
+        "nameserver 10.0.2.3",
+    ] {
+        assert!(net.contains(want), "{want:?} missing from:\n{net}");
     }
 
     // Binary-safe, megabyte-sized output and input.
