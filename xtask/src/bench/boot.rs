@@ -784,6 +784,13 @@ impl Timings {
         }
     }
 
+    fn samples(&self, name: &str) -> Option<&[f64]> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.as_slice())
+    }
+
     fn get(&self, name: &str) -> (f64, f64) {
         self.0
             .iter()
@@ -800,14 +807,22 @@ fn report(t: &Timings, name: &str, base: Option<&str>, goal: Option<f64>) {
         let (bmin, bmed) = t.get(b);
         (median / bmed, min / bmin)
     });
+    // Per-round ratios (same round, so the same background load), their median.
+    let paired = base.and_then(|b| {
+        let a = t.samples(name)?;
+        let b = t.samples(b)?;
+        let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+        (a.len() == b.len() && !r.is_empty()).then(|| min_median(&r).1)
+    });
     let verdict = match (ratio, goal) {
         (Some((r, _)), Some(g)) if r <= g => format!("<= {g} ok"),
         (Some(_), Some(g)) => format!("> {g} MISSED"),
         _ => String::new(),
     };
     println!(
-        "{name:<34} {min:>8.0} {median:>8.0} {:>7} {:>26} {verdict}",
+        "{name:<34} {min:>8.0} {median:>8.0} {:>7} {:>7} {:>26} {verdict}",
         ratio.map_or(String::new(), |(r, _)| format!("{r:.2}")),
+        paired.map_or(String::new(), |p| format!("{p:.2}")),
         base.unwrap_or(""),
     );
     let mut line = json!({
@@ -820,6 +835,9 @@ fn report(t: &Timings, name: &str, base: Option<&str>, goal: Option<f64>) {
     if let Some((r, rmin)) = ratio {
         line["ratio"] = json!(round2(r));
         line["ratio_min"] = json!(round2(rmin));
+        if let Some(p) = paired {
+            line["ratio_paired_median"] = json!(round2(p));
+        }
         line["against"] = json!(base);
     }
     if let Some(g) = goal {
@@ -904,9 +922,10 @@ async fn bench(env: &BenchEnv) -> Result<()> {
 
     println!();
     println!(
-        "{:<34} {:>8} {:>8} {:>7} {:>26}",
-        "case (ms from spawn/start())", "min", "median", "ratio", "against"
+        "{:<34} {:>8} {:>8} {:>7} {:>7} {:>26}",
+        "case (ms from spawn/start())", "min", "median", "ratio", "paired", "against"
     );
+    println!("(ratio: median/median; paired: median of the per-round ratios)");
     report(&t, "floor.init_marker", None, None);
     report(&t, "floor.http.init_marker", None, None);
     report(&t, "floor.port_accepting", None, None);
