@@ -661,11 +661,22 @@ async fn logs_kept_while_host_away_then_power_button_stops_with_kill_signal() {
 
 #[tokio::test]
 async fn suspend_and_resume_keep_the_guest_and_its_channel() {
-    let cfg = base_config("e2e-suspend", &["/bin/sleep", "1000"]);
+    // The app also runs on a terminal (init.tty); its output still arrives as lines.
+    let mut cfg = base_config(
+        "e2e-suspend",
+        &[
+            "/bin/sh",
+            "-c",
+            "test -t 1 && echo on-a-tty; exec sleep 1000",
+        ],
+    );
+    cfg.config.init.tty = true;
     let mut g = boot(&cfg, VmNetwork::None, vec![], 128).await;
-    g.until("AppStarted", BOOT, |m| {
-        matches!(m, GuestMessage::AppStarted { .. })
-    })
+    g.until(
+        "on-a-tty",
+        BOOT,
+        |m| matches!(m, GuestMessage::Log { line, .. } if line == "on-a-tty"),
+    )
     .await;
     let r = g
         .chan
