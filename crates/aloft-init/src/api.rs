@@ -202,7 +202,7 @@ impl Api {
         });
     }
 
-    /// The earliest connection deadline, so the main loop wakes to drop it.
+    /// Whether requests are in progress (the main loop then wakes to expire them).
     pub fn has_conns(&self) -> bool {
         !self.conns.is_empty()
     }

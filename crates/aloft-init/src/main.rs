@@ -206,7 +206,8 @@ struct Init {
     sigfd: File,
     port: Port,
     app: Option<App>,
-    /// Set once the app could not start: (message, exit code).
+    /// Set when there is no app to wait for: the exit code to report (127/126 when it
+    /// could not start, 0 when stopped before it started).
     app_failed: Option<i32>,
     execs: BTreeMap<u64, ExecProc>,
     metadata: BTreeMap<String, String>,
