@@ -392,3 +392,137 @@ pub async fn secret_delete(
         version: version as i64,
     }))
 }
+
+/// Fly's `OrgMachine`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OrgMachine {
+    pub id: String,
+    pub name: String,
+    pub app_name: String,
+    pub state: String,
+    pub region: String,
+    pub private_ip: String,
+    /// The machine version.
+    pub version: String,
+    /// Deprecated: use `version`.
+    pub instance_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Omitted with `summary=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::openapi::doc::MachineConfig>)]
+    pub config: Option<aloft_types::machine::MachineConfig>,
+}
+
+/// Fly's `OrgMachinesResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OrgMachinesResponse {
+    pub machines: Vec<OrgMachine>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_machine_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_updated_at: Option<String>,
+}
+
+/// Largest page of the organisation listing.
+pub const MAX_ORG_PAGE: usize = 1000;
+
+/// Every machine of the organisation's apps (those the token may see), by
+/// `updated_at`, in pages.
+#[utoipa::path(get, path = "/orgs/{org_slug}/machines", tag = "Organizations", operation_id = "Machines_org_list",
+    params(("org_slug" = String, Path, description = "Fly Organization Slug"),
+        ("include_deleted" = Option<bool>, Query, description = "Include deleted machines"),
+        ("region" = Option<String>, Query, description = "Region filter"),
+        ("state" = Option<String>, Query, description = "Comma separated list of states to filter (created, started, stopped, suspended)"),
+        ("summary" = Option<bool>, Query, description = "Omit config from responses"),
+        ("updated_after" = Option<String>, Query, description = "Only machines updated after this RFC 3339 time"),
+        ("cursor" = Option<String>, Query, description = "Pagination cursor from a previous response"),
+        ("limit" = Option<u64>, Query, description = "The number of machines to fetch (max of 1000)")),
+    responses((status = 200, description = "OK", body = OrgMachinesResponse)))]
+pub async fn org_machines(
+    State(state): State<ApiState>,
+    Extension(who): Extension<Arc<Principal>>,
+    Path(org): Path<String>,
+    q: QueryPairs,
+) -> Result<Json<OrgMachinesResponse>, ApiError> {
+    if org != who.org {
+        return Err(ApiError::NotFound(format!(
+            "organization {org:?} not found"
+        )));
+    }
+    let include_deleted = q.bool("include_deleted")?;
+    let summary = q.bool("summary")?;
+    let region = q.get("region").filter(|r| !r.is_empty());
+    let states = q
+        .all("state")
+        .iter()
+        .map(|s| {
+            MachineState::parse(s).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "invalid query parameter `state`: unknown state {s:?}"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let updated_after = q.get("updated_after").filter(|s| !s.is_empty());
+    let cursor = q.get("cursor").filter(|s| !s.is_empty());
+    let cursor = match cursor {
+        None => None,
+        Some(c) => Some(c.split_once('|').ok_or_else(|| {
+            ApiError::BadRequest(format!("invalid query parameter `cursor`: {c:?}"))
+        })?),
+    };
+    let limit = (q.u64("limit")?.unwrap_or(MAX_ORG_PAGE as u64) as usize).clamp(1, MAX_ORG_PAGE);
+
+    let mut all = Vec::new();
+    for e in state.store().list("apps/").await?.entries {
+        let rec: AppRecord = serde_json::from_slice(&e.value)
+            .map_err(|err| ApiError::Internal(format!("catalog record {}: {err}", e.key)))?;
+        if rec.org != org || who.app.as_deref().is_some_and(|a| a != rec.name) {
+            continue;
+        }
+        for m in crate::machines::app_machines(&state, &rec.name).await? {
+            all.push((rec.name.clone(), m));
+        }
+    }
+    all.retain(|(_, m)| {
+        (include_deleted || m.state != MachineState::Destroyed)
+            && region.is_none_or(|r| m.region == r)
+            && (states.is_empty() || states.contains(&m.state))
+            && updated_after.is_none_or(|t| m.updated_at.as_str() > t)
+            && cursor.is_none_or(|(t, id)| (m.updated_at.as_str(), m.id.as_str()) > (t, id))
+    });
+    all.sort_by(|(_, a), (_, b)| (&a.updated_at, &a.id).cmp(&(&b.updated_at, &b.id)));
+    let more = all.len() > limit;
+    all.truncate(limit);
+    let last = all
+        .last()
+        .map(|(_, m)| (m.id.clone(), m.updated_at.clone()));
+    Ok(Json(OrgMachinesResponse {
+        next_cursor: last
+            .as_ref()
+            .filter(|_| more)
+            .map(|(id, t)| format!("{t}|{id}")),
+        last_machine_id: last.as_ref().map(|(id, _)| id.clone()),
+        last_updated_at: last.map(|(_, t)| t),
+        machines: all
+            .into_iter()
+            .map(|(app_name, m)| OrgMachine {
+                id: m.id,
+                name: m.name,
+                app_name,
+                state: m.state.to_string(),
+                region: m.region,
+                private_ip: m.private_ip,
+                version: m.instance_id.clone(),
+                instance_id: m.instance_id,
+                created_at: m.created_at,
+                updated_at: m.updated_at,
+                config: (!summary).then_some(m.config),
+            })
+            .collect(),
+    }))
+}

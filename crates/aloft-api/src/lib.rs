@@ -255,6 +255,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/apps/{app_name}/deploy_token", post(tokens::deploy_token))
         .route("/platform/regions", get(tokens::regions))
+        .route("/orgs/{org_slug}/machines", get(apps::org_machines))
         .route("/tokens/current", get(tokens::current))
         .route("/tokens/authenticate", post(tokens::authenticate))
         .route("/tokens/authorize", post(tokens::authorize))

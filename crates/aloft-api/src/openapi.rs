@@ -199,7 +199,7 @@ pub mod doc {
     paths(
         apps::list, apps::create, apps::show, apps::destroy,
         apps::secrets_list, apps::secrets_update, apps::secret_show, apps::secret_set,
-        apps::secret_delete,
+        apps::secret_delete, apps::org_machines,
         machines::list, machines::create, machines::show, machines::update, machines::destroy,
         machines::start, machines::stop, machines::restart, machines::suspend, machines::signal,
         machines::cordon, machines::uncordon, machines::wait, machines::events,

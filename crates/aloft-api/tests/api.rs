@@ -1240,7 +1240,8 @@ async fn every_documented_operation_is_routed() {
                 .replace("{volume_id}", "v")
                 .replace("{secret_name}", "S")
                 .replace("{key}", "k")
-                .replace("{version}", "1");
+                .replace("{version}", "1")
+                .replace("{org_slug}", "personal");
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let r = t
                 .call(
@@ -1447,4 +1448,93 @@ async fn releases_record_deploys_and_roll_back() {
         )
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn organisation_listing_pages_by_update_time() {
+    let t = TestApi::start(&[("h1", "ams"), ("h2", "iad")]).await;
+    t.create_app("o-one").await;
+    t.create_app("o-two").await;
+    for (app, region) in [("o-one", "ams"), ("o-one", "iad"), ("o-two", "ams")] {
+        let body = format!(r#"{{"region":"{region}","config":{{"image":"i"}}}}"#);
+        assert_eq!(
+            t.create_machine(app, &t.admin, &body).await.status,
+            StatusCode::OK
+        );
+    }
+    let r = t
+        .call(
+            Method::GET,
+            "/v1/orgs/personal/machines",
+            Some(&t.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["machines"].as_array().unwrap().len(), 3);
+    assert!(r.body.get("next_cursor").is_none());
+    // Pages of one, following the cursor, see every machine once.
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let q = if cursor.is_empty() {
+            String::new()
+        } else {
+            format!("&cursor={}", cursor.replace('|', "%7C"))
+        };
+        let r = t
+            .call(
+                Method::GET,
+                &format!("/v1/orgs/personal/machines?limit=1&summary=true{q}"),
+                Some(&t.admin),
+                None,
+            )
+            .await;
+        let ms = r.body["machines"].as_array().unwrap();
+        assert!(ms.len() <= 1);
+        assert!(ms.iter().all(|m| m.get("config").is_none()));
+        seen.extend(ms.iter().map(|m| m["id"].as_str().unwrap().to_string()));
+        match r.body["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 3);
+    let r = t
+        .call(
+            Method::GET,
+            "/v1/orgs/personal/machines?region=iad",
+            Some(&t.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.body["machines"][0]["app_name"], "o-one");
+    assert_eq!(r.body["machines"].as_array().unwrap().len(), 1);
+    // An app token sees its app only; another organisation is not found.
+    let tok = t.token(Some("o-two"), Role::Readonly).await;
+    let r = t
+        .call(Method::GET, "/v1/orgs/personal/machines", Some(&tok), None)
+        .await;
+    let apps: Vec<&str> = r.body["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["app_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(apps, ["o-two"]);
+    let r = t
+        .call(Method::GET, "/v1/orgs/acme/machines", Some(&t.admin), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = t
+        .call(
+            Method::GET,
+            "/v1/orgs/personal/machines?cursor=nonsense",
+            Some(&t.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
