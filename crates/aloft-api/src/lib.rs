@@ -109,10 +109,11 @@ impl ApiState {
         self.inner
             .secrets_key
             .get_or_try_init(|| async move {
+                let path = dir.join("secrets.key");
                 tokio::task::spawn_blocking(move || secrets::load_or_create_key(&dir))
                     .await
                     .map_err(|e| secrets::SecretsError::KeyFile {
-                        path: PathBuf::from("secrets.key"),
+                        path,
                         source: std::io::Error::other(e.to_string()),
                     })?
             })
@@ -268,7 +269,24 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             auth::authorize,
         ))
+        .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// Logs each request's method, path, status and time (errors at `info`).
+async fn log_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status >= 400 {
+        tracing::info!(%method, %path, status, ms, "api request failed");
+    } else {
+        tracing::debug!(%method, %path, status, ms, "api request");
+    }
+    resp
 }
 
 async fn no_route() -> ApiError {
