@@ -579,6 +579,12 @@ impl Agent {
             let run = self.run_config(app, &m, &extra, &image, &volumes);
             let spec = self.vm_spec(&m, &run, &image.rootfs, &volumes, &extra.forwards);
             self.inner.vmm.prepare(&spec).await.map_err(internal)?;
+            // Persist the forwards and digest before QEMU uses them (recovery after
+            // step 3 keeps this VM).
+            self.inner
+                .db
+                .put_machine(app, &m, &extra)
+                .map_err(internal)?;
             self.inner.db.op_step(id, 2).map_err(internal)?;
             fault_point("start", 2);
             let vm: Arc<dyn Vm> = Arc::from(
