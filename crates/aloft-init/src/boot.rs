@@ -54,18 +54,45 @@ pub fn early_mounts() -> Result<(), BootError> {
     )
 }
 
-/// Loads the guest modules in dependency order; missing files are skipped.
-pub fn load_modules(dir: &Path) {
-    for name in GUEST_MODULES {
+/// Modules only a networked machine needs.
+pub const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
+/// Modules nothing needs during boot: loaded after the app has started.
+pub const LATE_MODULES: &[&str] = &["overlay"];
+
+/// Loads the guest modules in dependency order, except `skip`; missing files are
+/// skipped. The `LATE_MODULES` are returned in memory instead (the initramfs files go
+/// away with the root switch), for [`load_late_modules`].
+pub fn load_modules(dir: &Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> {
+    let mut late = Vec::new();
+    for name in GUEST_MODULES.iter().filter(|n| !skip.contains(n)) {
         let path = dir.join(format!("{name}.ko"));
         if !path.exists() {
             continue;
         }
+        if LATE_MODULES.contains(name) {
+            match fs::read(&path) {
+                Ok(data) => late.push((name.to_string(), data)),
+                Err(e) => eprintln!("aloft-init: reading {}: {e}", path.display()),
+            }
+            continue;
+        }
         // Unsigned from memory first (signature checks are slow under TCG); a kernel
         // that enforces signatures gets the signed file.
-        let r = sys::init_module_unsigned(&path).or_else(|_| sys::finit_module(&path));
+        let r = fs::read(&path)
+            .and_then(|data| sys::init_module_unsigned(&data))
+            .or_else(|_| sys::finit_module(&path));
         if let Err(e) = r {
             eprintln!("aloft-init: loading {}: {e}", path.display());
+        }
+    }
+    late
+}
+
+/// Loads modules kept in memory by [`load_modules`].
+pub fn load_late_modules(late: Vec<(String, Vec<u8>)>) {
+    for (name, data) in late {
+        if let Err(e) = sys::init_module_unsigned(&data) {
+            eprintln!("aloft-init: loading module {name}: {e}");
         }
     }
 }

@@ -77,16 +77,26 @@ fn main() {
         fatal(&mut port, None, &e.to_string());
     }
     let mut phases = vec![("start", boot_ms)];
-    boot::load_modules(Path::new("/lib/modules"));
-    phases.push(("modules", sys::uptime_ms()));
-    let _ = port.tick(Instant::now());
+    let modules = Path::new("/lib/modules");
     let cfg = match std::fs::read(RUN_CONFIG_PATH)
         .map_err(|e| format!("{RUN_CONFIG_PATH}: {e}"))
         .and_then(|t| RunConfig::from_json(RUN_CONFIG_PATH, &t).map_err(|e| e.to_string()))
     {
         Ok(c) => c,
-        Err(e) => fatal(&mut port, None, &e),
+        Err(e) => {
+            // The channel needs its modules to report this.
+            boot::load_modules(modules, &[]);
+            fatal(&mut port, None, &e)
+        }
     };
+    let skip = if cfg.network.interfaces.is_empty() {
+        boot::NET_MODULES
+    } else {
+        &[]
+    };
+    let late_modules = boot::load_modules(modules, skip);
+    phases.push(("modules", sys::uptime_ms()));
+    let _ = port.tick(Instant::now());
     let creds = match setup(&cfg, &mut phases) {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
@@ -108,6 +118,7 @@ fn main() {
     );
     let mut init = Init::new(cfg, creds, sigfd, port);
     init.start_app();
+    boot::load_late_modules(late_modules);
     init.run()
 }
 

@@ -101,9 +101,8 @@ pub fn strip_module_signature(data: &[u8]) -> &[u8] {
 /// Loads a kernel module from memory without its signature: verifying it costs
 /// a lot of emulated CPU under TCG, and the initramfs is already trusted. "Already
 /// loaded" counts as success.
-pub fn init_module_unsigned(path: &Path) -> io::Result<()> {
-    let data = std::fs::read(path)?;
-    let image = strip_module_signature(&data);
+pub fn init_module_unsigned(data: &[u8]) -> io::Result<()> {
+    let image = strip_module_signature(data);
     let params = c"";
     // SAFETY: init_module reads `image.len()` bytes from `image` and a NUL-terminated
     // parameter string.

@@ -434,6 +434,17 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
         (3 << 20).to_string()
     );
 
+    // overlay is loaded after the app started.
+    let r = g
+        .chan
+        .exec(&exec(&["cat", "/proc/filesystems"]), STEP)
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("\toverlay\n"),
+        "{r:?}"
+    );
+
     // init.swap_size_mb
     let r = g
         .chan

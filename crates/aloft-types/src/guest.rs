@@ -44,7 +44,9 @@ pub const RUN_CONFIG_PATH: &str = "/run.json";
 pub const MAX_FRAME_LEN: u32 = 16 * 1024 * 1024;
 /// How often the guest repeats `Hello` until it is acknowledged.
 pub const HELLO_INTERVAL_MS: u64 = 50;
-/// Kernel modules the guest loads, in this order (no modules.dep; missing ones are skipped).
+/// Kernel modules the guest loads, in this order (no modules.dep; missing ones are
+/// skipped). The network ones are skipped when the machine has no interface, and
+/// `overlay` is loaded only once the app has started.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
