@@ -46,38 +46,67 @@ pub struct DevArgs {
     pub accel: String,
 }
 
-/// Finds the static guest init: `ALOFT_INIT_BIN`, then next to this binary, then the
-/// musl build directory of the workspace this binary was built in.
+/// Finds the static guest init: `ALOFT_INIT_BIN`, then the musl build directories of
+/// the workspace this binary was built in, then next to this binary. A dynamically
+/// linked file is skipped: the guest has no loader, so the kernel could not run it.
 pub fn find_init_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("ALOFT_INIT_BIN") {
         let p = PathBuf::from(p);
-        if p.is_file() {
-            return Ok(p);
+        if !p.is_file() {
+            bail!("ALOFT_INIT_BIN={} does not exist", p.display());
         }
-        bail!("ALOFT_INIT_BIN={} does not exist", p.display());
+        if !is_static_elf(&p) {
+            bail!(
+                "ALOFT_INIT_BIN={} is not a static executable (build it for x86_64-unknown-linux-musl)",
+                p.display()
+            );
+        }
+        return Ok(p);
     }
     let exe = std::env::current_exe().context("cannot find this binary's path")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
-    let mut candidates = vec![dir.join("aloft-init")];
-    for profile in ["release", "debug"] {
-        candidates.push(
-            dir.join("..")
-                .join("x86_64-unknown-linux-musl")
-                .join(profile)
-                .join("aloft-init"),
-        );
-        candidates.push(
-            dir.join("../..")
-                .join("x86_64-unknown-linux-musl")
-                .join(profile)
-                .join("aloft-init"),
-        );
+    let mut candidates = Vec::new();
+    for up in ["..", "../.."] {
+        for profile in ["release", "debug"] {
+            candidates.push(
+                dir.join(up)
+                    .join("x86_64-unknown-linux-musl")
+                    .join(profile)
+                    .join("aloft-init"),
+            );
+        }
     }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        anyhow::anyhow!(
-            "no static aloft-init found (set ALOFT_INIT_BIN, or build it: \
-             cargo build --release -p aloft-init --target x86_64-unknown-linux-musl)"
-        )
+    candidates.push(dir.join("aloft-init"));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file() && is_static_elf(p))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no static aloft-init found (set ALOFT_INIT_BIN, or build it: \
+                 cargo build --release -p aloft-init --target x86_64-unknown-linux-musl)"
+            )
+        })
+}
+
+/// An ELF64 executable without a `PT_INTERP` program header (no dynamic loader).
+fn is_static_elf(path: &Path) -> bool {
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([data[o], data[o + 1]]) as usize;
+    let Ok(phoff) = <[u8; 8]>::try_from(&data[0x20..0x28]).map(u64::from_le_bytes) else {
+        return false;
+    };
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let at = phoff as usize + i * phentsize;
+        data.get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            != Some(3)
     })
 }
 
@@ -270,5 +299,21 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_static_elf;
+    use std::path::Path;
+
+    #[test]
+    fn tells_static_from_dynamic_executables() {
+        assert!(
+            is_static_elf(Path::new("/bin/busybox")),
+            "busybox-static is static"
+        );
+        assert!(!is_static_elf(Path::new("/bin/ls")), "ls needs the loader");
+        assert!(!is_static_elf(Path::new("/etc/hostname")));
     }
 }
