@@ -151,6 +151,38 @@ pub struct MemoryResponse {
     pub limit_mb: i64,
 }
 
+/// A lease in Fly's `Lease` shape, and also inside the envelope flyctl (fly-go's
+/// `MachineLease`) reads: `{"status": "success", "data": {…}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LeaseResponse {
+    pub nonce: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+    pub owner: String,
+    pub description: String,
+    /// Machine version.
+    pub version: String,
+    /// Always `success` (fly-go envelope).
+    pub status: String,
+    /// The same lease (fly-go envelope).
+    #[schema(value_type = doc::Lease)]
+    pub data: Lease,
+}
+
+impl LeaseResponse {
+    fn new(l: Lease) -> Self {
+        Self {
+            nonce: l.nonce.clone(),
+            expires_at: l.expires_at,
+            owner: l.owner.clone(),
+            description: l.description.clone(),
+            version: l.version.clone(),
+            status: "success".into(),
+            data: l,
+        }
+    }
+}
+
 /// The reply of start: the state the machine was in.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StartResponse {
@@ -662,20 +694,20 @@ pub async fn events(
 
 #[utoipa::path(get, path = "/apps/{app_name}/machines/{machine_id}/lease", tag = "Machines", operation_id = "Machines_show_lease",
     params(("app_name" = String, Path, description = "Fly App Name"), ("machine_id" = String, Path, description = "Machine ID")),
-    responses((status = 200, description = "OK", body = doc::Lease)))]
+    responses((status = 200, description = "OK", body = LeaseResponse)))]
 pub async fn lease_show(
     State(state): State<ApiState>,
     Path((app, id)): Path<(String, String)>,
-) -> Result<Json<Lease>, ApiError> {
+) -> Result<Json<LeaseResponse>, ApiError> {
     let a = machine_agent(&state, &app, &id).await?;
-    Ok(Json(a.get_lease(&app, &id).await?))
+    Ok(Json(LeaseResponse::new(a.get_lease(&app, &id).await?)))
 }
 
 #[utoipa::path(post, path = "/apps/{app_name}/machines/{machine_id}/lease", tag = "Machines", operation_id = "Machines_create_lease",
     params(("app_name" = String, Path, description = "Fly App Name"), ("machine_id" = String, Path, description = "Machine ID"),
         ("fly-machine-lease-nonce" = Option<String>, Header, description = "Existing lease nonce to refresh by ttl, empty or non-existent to create a new lease")),
     request_body(content = CreateLeaseRequest, description = "Request body"),
-    responses((status = 201, description = "Created", body = doc::Lease),
+    responses((status = 201, description = "Created", body = LeaseResponse),
         (status = 409, description = "Held by someone else", body = ErrorResponse)))]
 pub async fn lease_create(
     State(state): State<ApiState>,
@@ -694,7 +726,7 @@ pub async fn lease_create(
             nonce(&headers).as_deref(),
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(lease)))
+    Ok((StatusCode::CREATED, Json(LeaseResponse::new(lease))))
 }
 
 #[utoipa::path(delete, path = "/apps/{app_name}/machines/{machine_id}/lease", tag = "Machines", operation_id = "Machines_release_lease",

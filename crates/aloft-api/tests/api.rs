@@ -635,6 +635,9 @@ async fn leases_conflict_and_wait_timeout() {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
     let nonce = r.body["nonce"].as_str().unwrap().to_string();
+    // flyctl's envelope carries the same lease.
+    assert_eq!(r.body["status"], "success");
+    assert_eq!(r.body["data"]["nonce"], nonce.as_str());
     assert_eq!(
         t.call(Method::GET, &format!("{base}/lease"), Some(&tok), None)
             .await

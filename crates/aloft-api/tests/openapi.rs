@@ -85,6 +85,11 @@ const ALOFT_ONLY: &[&str] = &[
 const EXTRA_RESPONSE_FIELDS: &[(&str, &str)] = &[
     // Aloft tokens are not macaroons: the verified token's scope replaces the caveats.
     ("Tokens_authenticate", "token"),
+    // fly-go (flyctl) reads leases from a `{"status", "data"}` envelope.
+    ("Machines_show_lease", "status"),
+    ("Machines_show_lease", "data"),
+    ("Machines_create_lease", "status"),
+    ("Machines_create_lease", "data"),
 ];
 
 #[test]
