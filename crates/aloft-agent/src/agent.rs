@@ -696,7 +696,14 @@ impl Agent {
             tokio::select! {
                 msg = async {
                     match events.as_mut() {
-                        Some(rx) => rx.recv().await.ok(),
+                        Some(rx) => loop {
+                            match rx.recv().await {
+                                Ok(m) => break Some(m),
+                                // A log flood outran us: skip what was lost, keep going.
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => break None,
+                            }
+                        },
                         None => std::future::pending().await,
                     }
                 } => {
@@ -729,6 +736,13 @@ impl Agent {
                     exit = Some((code, signal, oom));
                 }
             }
+        }
+        // The state watch keeps the exit report even if the event stream lost it.
+        if exit.is_none()
+            && let Some(ch) = &channel
+            && let Some(e) = ch.state().borrow().exit
+        {
+            exit = Some((e.code, e.signal, e.oom));
         }
         self.vm_ended(&app, &id, exit).await;
     }

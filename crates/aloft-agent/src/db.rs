@@ -393,3 +393,28 @@ fn to_json<T: Serialize>(v: &T) -> String {
 fn from_json<T: for<'de> Deserialize<'de>>(s: &str) -> Option<T> {
     serde_json::from_str(s).ok()
 }
+
+/// Image digests that machines recorded in any agent database under `data_dir`
+/// (`agent-*.db`) boot from, so that image garbage collection keeps them.
+pub fn images_in_use(data_dir: &Path) -> Result<std::collections::HashSet<String>, DbError> {
+    let mut out = std::collections::HashSet::new();
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Ok(out);
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("agent-") && name.ends_with(".db")) {
+            continue;
+        }
+        let db = AgentDb::open(&entry.path())?;
+        for (_, m, extra) in db.list_machines(None)? {
+            if !extra.image_digest.is_empty() {
+                out.insert(extra.image_digest);
+            } else if m.config.image.starts_with("sha256:") {
+                // A machine not booted yet names its image only by reference.
+                out.insert(m.config.image.clone());
+            }
+        }
+    }
+    Ok(out)
+}

@@ -12,6 +12,7 @@ mod health;
 mod volumes;
 
 pub use agent::{Agent, AgentConfig, FAULT_ENV, rfc3339};
+pub use db::images_in_use;
 
 pub use api::{
     AgentApi, AgentError, CreateMachine, CreateVolume, ExecOutput, LogLine, StopOptions,

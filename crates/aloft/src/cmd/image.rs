@@ -168,8 +168,11 @@ pub fn run(cmd: ImageCommand, data_dir: &DataDir) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Gc(f) => {
-            // Machines are not known to this command yet: only tags keep images.
-            let report = store.gc(&HashSet::new())?;
+            // Tags keep images, and so does every machine of every agent in this data
+            // directory (by the digest it boots from).
+            let in_use: HashSet<String> = aloft_agent::images_in_use(data_dir.root())
+                .map_err(|e| anyhow::anyhow!("cannot read the machines' images: {e}"))?;
+            let report = store.gc(&in_use)?;
             if f.json {
                 print_json(&report)?;
             } else {
