@@ -5,10 +5,14 @@
 //! It owns the request path. It reads the catalog (possibly stale) and must not write
 //! machine state: it asks the agent to start a machine and corrects itself at admission.
 //!
-//! Today it serves HTTP/1.1 with keep-alive. Routes come from a [`routes::RoutesSpec`]
-//! published in [`routes::Routes`] (an atomically swapped [`routes::RouteTable`]);
-//! the static TOML file ([`static_routes`]) is one source of it, the catalog another,
-//! and both go through the same routing and balancing code ([`balance`]).
+//! Today it serves HTTP/1.1 with keep-alive, HTTP/2 with prior knowledge (h2c) and
+//! protocol upgrades (WebSocket) on one port, and talks HTTP/1.1 to machines from the
+//! client connection's own task ([`upstream`]). Routes come from a
+//! [`routes::RoutesSpec`] published in [`routes::Routes`] (an atomically swapped
+//! [`routes::RouteTable`]); the static TOML file ([`static_routes`]) is one source of
+//! it, the catalog another, and both go through the same routing and balancing code
+//! (`balance`). Not yet here: TLS/SNI and ACME, raw TCP services, HTTP/2 to machines
+//! (gRPC), autostart/autostop, metrics.
 
 mod balance;
 pub mod body;
@@ -18,7 +22,7 @@ pub mod routes;
 mod scan;
 pub mod server;
 pub mod static_routes;
-mod upstream;
+pub mod upstream;
 
 pub use balance::Lease;
 pub use routes::{RouteTable, RouteTableError, Routes, RoutesSpec};

@@ -62,7 +62,7 @@ pub struct ProxyConfig {
     /// Time allowed to receive a request's headers, which is also how long an idle
     /// keep-alive connection is kept.
     pub header_read_timeout: Duration,
-    /// Time allowed to receive the first [`BUFFER_LIMIT`] bytes of a request body, and
+    /// Time allowed to receive the first 64 KiB of a request body, and
     /// then between two pieces of a longer one.
     pub body_read_timeout: Duration,
     /// Largest request head (request line + headers) in bytes; larger gets 431.

@@ -7,18 +7,18 @@ use crate::routes::{RouteTableError, Routes, RoutesSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesFileError {
-    #[error("cannot read routes file {path}: {source}")]
+    #[error("cannot read routes file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The toml error names the line, column and key.
-    #[error("routes file {path}: {source}")]
+    /// The toml error (the source) names the line, column and key.
+    #[error("routes file {path} is not valid")]
     Parse {
         path: PathBuf,
         source: toml::de::Error,
     },
-    #[error("routes file {path}: {source}")]
+    #[error("routes file {path} is not valid")]
     Invalid {
         path: PathBuf,
         source: RouteTableError,
@@ -52,6 +52,17 @@ pub fn load_routes_file(path: &Path, routes: &Routes) -> Result<(), RoutesFileEr
 mod tests {
     use super::*;
 
+    /// The message with its causes, as the CLI prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        s
+    }
+
     #[test]
     fn parse_error_names_file_line_and_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -62,7 +73,7 @@ mod tests {
         )
         .unwrap();
         let routes = Routes::new("local");
-        let msg = load_routes_file(&path, &routes).unwrap_err().to_string();
+        let msg = chain(&load_routes_file(&path, &routes).unwrap_err());
         assert!(msg.contains("routes.toml"), "{msg}");
         assert!(msg.contains("internal_port"), "{msg}");
         assert!(msg.contains("line 5"), "{msg}");
@@ -77,9 +88,7 @@ mod tests {
             "[[apps]]\nname = \"a\"\nhostnames = [\"*\"]\nhostname = 1\n",
         )
         .unwrap();
-        let msg = load_routes_file(&path, &Routes::new("local"))
-            .unwrap_err()
-            .to_string();
+        let msg = chain(&load_routes_file(&path, &Routes::new("local")).unwrap_err());
         assert!(msg.contains("hostname"), "{msg}");
     }
 
@@ -88,9 +97,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.toml");
         std::fs::write(&path, "[[apps]]\nname = \"a\"\nhostnames = []\n").unwrap();
-        let msg = load_routes_file(&path, &Routes::new("local"))
-            .unwrap_err()
-            .to_string();
+        let msg = chain(&load_routes_file(&path, &Routes::new("local")).unwrap_err());
         assert!(msg.contains("apps[0].hostnames"), "{msg}");
     }
 }
