@@ -1,5 +1,5 @@
-//! The Machines API (Fly's `/v1` REST surface): apps, machines, volumes, secrets and
-//! tokens, with bearer-token authorisation, placement of new machines and volumes on
+//! The Machines API (Fly's `/v1` REST surface): apps, machines, volumes, secrets, releases
+//! and tokens, with bearer-token authorisation, placement of new machines and volumes on
 //! hosts, and its OpenAPI document generated from the handlers (`/v1/openapi.json`).
 //!
 //! It owns authorisation, app records, tokens, organisations and encrypted secrets in
