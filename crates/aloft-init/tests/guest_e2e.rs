@@ -785,3 +785,81 @@ async fn nothing_to_run_is_a_clear_error() {
     );
     g.powered_off().await;
 }
+
+#[tokio::test]
+async fn ignored_stop_signal_is_followed_by_sigkill_and_orphans_are_reaped_and_volumes_persist() {
+    let work = tempfile::tempdir().unwrap();
+    let vol = work.path().join("vol.ext4");
+    empty_ext4(&vol);
+    // The app ignores SIGINT/SIGTERM and leaves orphans behind (children whose parent
+    // exits at once), which PID 1 must reap.
+    let mut cfg = base_config(
+        "e2e-ignore",
+        &[
+            "/bin/sh",
+            "-c",
+            "trap '' INT TERM; echo boot >> /data/boots; for i in 1 2 3 4 5; do sh -c 'sleep 0.2 &'; done; echo started; while :; do sleep 1; done",
+        ],
+    );
+    cfg.kill_timeout_ms = 1500;
+    cfg.volumes.push(VolumeMount {
+        name: "data".into(),
+        device: "/dev/vdb".into(),
+        path: "/data".into(),
+        fs: "ext4".into(),
+    });
+    let mut g = boot(&cfg, VmNetwork::None, vec![vol.clone()], 128).await;
+    g.until(
+        "app output",
+        STEP,
+        |m| matches!(m, GuestMessage::Log { line, .. } if line == "started"),
+    )
+    .await;
+    // Give the orphans time to exit, then look for zombies.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ps = g
+        .chan
+        .exec(&exec(&["/bin/busybox", "ps", "-o", "stat,comm"]), STEP)
+        .await
+        .unwrap();
+    let listing = String::from_utf8_lossy(&ps.stdout);
+    assert!(
+        !listing.lines().any(|l| l.trim_start().starts_with('Z')),
+        "zombies left:\n{listing}"
+    );
+    // A graceful stop with SIGINT: ignored, so SIGKILL after kill_timeout.
+    let started = std::time::Instant::now();
+    let exit = g
+        .chan
+        .stop(
+            aloft_types::guest::signal_number("SIGINT").unwrap(),
+            Duration::from_millis(1500),
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert!(
+        took >= Duration::from_millis(1400),
+        "killed too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "killed too late: {took:?}");
+    g.powered_off().await;
+
+    // The volume keeps its data across a second boot of the machine.
+    let mut g2 = boot(&cfg, VmNetwork::None, vec![vol.clone()], 128).await;
+    g2.until(
+        "app output",
+        STEP,
+        |m| matches!(m, GuestMessage::Log { line, .. } if line == "started"),
+    )
+    .await;
+    let out = g2
+        .chan
+        .exec(&exec(&["/bin/busybox", "cat", "/data/boots"]), STEP)
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "boot\nboot\n");
+    g2.vm.kill();
+    g2.vm.wait_exit(STEP).await;
+}
