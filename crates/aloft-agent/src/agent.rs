@@ -603,11 +603,13 @@ impl Agent {
             let channel = match GuestChannel::connect(vm.ctl_socket(), BOOT_TIMEOUT).await {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
+                    let failure = vm.boot_failure();
                     let tail = vm.console_tail(15);
                     vm.kill();
-                    return Err(AgentError::Internal(format!(
-                        "machine {id} did not come up: {e}\nconsole:\n{tail}"
-                    )));
+                    return Err(AgentError::Internal(match failure {
+                        Some(panic) => format!("machine {id} did not come up: {panic}"),
+                        None => format!("machine {id} did not come up: {e}\nconsole:\n{tail}"),
+                    }));
                 }
             };
             Ok::<_, AgentError>((vm, channel, image))

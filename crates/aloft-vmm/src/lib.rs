@@ -53,6 +53,8 @@ pub trait Vm: Send + Sync {
     async fn finish_resume(&self) -> Result<(), VmError>;
     /// The last lines of the serial console.
     fn console_tail(&self, lines: usize) -> String;
+    /// A clear error when the console shows why the guest failed (a kernel panic).
+    fn boot_failure(&self) -> Option<VmError>;
 }
 
 /// The QEMU `microvm` driver.
@@ -115,5 +117,8 @@ impl Vm for QemuVm {
     }
     fn console_tail(&self, lines: usize) -> String {
         QemuVm::console_tail(self, lines)
+    }
+    fn boot_failure(&self) -> Option<VmError> {
+        QemuVm::boot_failure(self)
     }
 }

@@ -490,6 +490,21 @@ impl QemuVm {
     pub fn console_tail(&self, lines: usize) -> String {
         console_tail(&self.console_log(), lines)
     }
+
+    /// Why the guest is not coming up, when the console says: a kernel panic, with the
+    /// console's last lines.
+    pub fn boot_failure(&self) -> Option<VmError> {
+        let text = std::fs::read_to_string(self.console_log()).ok()?;
+        let lines: Vec<&str> = text.lines().collect();
+        let at = lines.iter().position(|l| l.contains("Kernel panic"))?;
+        // The panic line, what led to it, and a little of the trace.
+        let from = at.saturating_sub(10);
+        let to = (at + 6).min(lines.len());
+        Some(VmError::KernelPanic {
+            dir: self.dir.clone(),
+            console_tail: lines[from..to].join("\n"),
+        })
+    }
 }
 
 /// The last lines of a console log, for error messages.

@@ -183,3 +183,31 @@ async fn refuses_bad_specs_clearly() {
     let err = QemuVmm.prepare(&no_disk).await.expect_err("must refuse");
     assert!(matches!(err, VmError::MissingDisk { .. }), "{err}");
 }
+
+/// An init that returns at once: the kernel panics ("Attempted to kill init"), QEMU
+/// exits (`panic=-1`, `-no-reboot`), and the driver says so with the console's end.
+#[tokio::test]
+async fn kernel_panic_is_a_clear_error_with_the_console() {
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("quit.c");
+    std::fs::write(&src, "int main(void) { return 3; }\n").unwrap();
+    let init = work.path().join("quit-init");
+    let status = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&init)
+        .arg(&src)
+        .status()
+        .expect("musl-gcc is installed by `cargo xtask setup`");
+    assert!(status.success());
+    let spec = spec(work.path(), &init, "panics");
+    QemuVmm.prepare(&spec).await.unwrap();
+    let vm = QemuVmm.start(&spec, None).await.unwrap();
+    assert!(
+        vm.wait_exit(Duration::from_secs(60)).await,
+        "QEMU must exit after the panic"
+    );
+    let err = vm.boot_failure().expect("the panic is detected");
+    let text = err.to_string();
+    assert!(text.contains("kernel panicked"), "{text}");
+    assert!(text.contains("Attempted to kill init"), "{text}");
+}
