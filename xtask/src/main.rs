@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -37,6 +38,8 @@ enum Command {
     /// Benchmarks, each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Fuzz the Machines API of a fresh `aloft dev` with schemathesis (Fly's spec and ours).
+    FuzzApi(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
         Command::Test { args } => test(&args),
         Command::Demo { data_dir } => demo(data_dir),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::FuzzApi(args) => fuzz::run(&args),
     }
 }
 
