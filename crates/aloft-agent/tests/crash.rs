@@ -43,6 +43,14 @@ const CHILD_POLICY: &str = "ALOFT_CRASH_CHILD_POLICY";
 const CHILD_MEMORY: &str = "ALOFT_CRASH_CHILD_MEMORY";
 
 const APP: &str = "crash";
+
+/// The VM tests of this binary run one at a time: on 2 cores, TCG boots of two tests
+/// at once would slow each other past their deadlines.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
 const SETTLE: Duration = Duration::from_secs(90);
 
 fn kernel_dir() -> PathBuf {
@@ -853,6 +861,7 @@ fn every_operation_survives_a_crash_at_every_step() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
+    let _serial = serial();
     run_matrix(|c| c.bug.is_none());
 }
 
@@ -864,6 +873,7 @@ fn crash_cases_with_known_agent_bugs() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
+    let _serial = serial();
     run_matrix(|c| c.bug.is_some());
 }
 
@@ -928,6 +938,7 @@ fn twenty_machines_survive_agent_sigkill() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
+    let _serial = serial();
     const N: usize = 20;
     let work = tempfile::tempdir().unwrap();
     let shared = Shared::new(work.path());
@@ -999,6 +1010,7 @@ fn vm_dead_while_agent_down_follows_restart_policy() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
+    let _serial = serial();
     let work = tempfile::tempdir().unwrap();
     let shared = Shared::new(work.path());
     let data = shared.data_dir("policy");
