@@ -70,6 +70,10 @@ struct Inner {
     changes: watch::Sender<u64>,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     checks: std::sync::Mutex<HashMap<String, Vec<CheckStatus>>>,
+    /// Routed TAP networking (root) instead of user-mode forwards.
+    tap_network: bool,
+    /// Serialises private-network slot allocation.
+    slots: std::sync::Mutex<()>,
 }
 
 /// One host's agent. Cheap to clone.
@@ -179,6 +183,21 @@ impl Agent {
         store: Arc<dyn Store>,
         vmm: Arc<dyn Vmm>,
     ) -> Result<Agent, AgentError> {
+        Self::open_with_network(cfg, store, vmm, false).await
+    }
+
+    /// Like [`Agent::open`]; with `tap_network` (needs root) every machine gets a
+    /// routed TAP with private IPv6/IPv4 addresses, NAT and organisation isolation
+    /// (see [`crate::net`]) instead of user-mode networking with host port forwards.
+    pub async fn open_with_network(
+        cfg: AgentConfig,
+        store: Arc<dyn Store>,
+        vmm: Arc<dyn Vmm>,
+        tap_network: bool,
+    ) -> Result<Agent, AgentError> {
+        if tap_network {
+            crate::net::host_setup(&cfg.host_id).map_err(internal)?;
+        }
         let db = AgentDb::open(&cfg.data_dir.join(format!("agent-{}.db", cfg.host_id)))
             .map_err(internal)?;
         let images = ImageStore::open(cfg.data_dir.join("images")).map_err(internal)?;
@@ -194,6 +213,8 @@ impl Agent {
                 changes,
                 locks: std::sync::Mutex::new(HashMap::new()),
                 checks: std::sync::Mutex::new(HashMap::new()),
+                tap_network,
+                slots: std::sync::Mutex::new(()),
             }),
         };
         agent.recover().await;
@@ -249,9 +270,12 @@ impl Agent {
             addresses: extra
                 .forwards
                 .iter()
-                .map(|(guest, host)| ServiceAddress {
-                    internal_port: *guest,
-                    address: format!("{}:{host}", self.cfg().forward_addr),
+                .map(|(guest, host)| {
+                    let (ip, port) = self.target(extra, *guest, *host);
+                    ServiceAddress {
+                        internal_port: *guest,
+                        address: format!("{ip}:{port}"),
+                    }
                 })
                 .collect(),
         };
@@ -260,6 +284,47 @@ impl Agent {
         if let Err(e) = self.inner.store.put(&key, value).await {
             tracing::warn!(machine = %m.id, "catalog publish failed: {e}");
         }
+    }
+
+    /// Where the host reaches a machine's `guest` port: its private IPv4 (TAP mode) or
+    /// the user-mode forward.
+    pub(crate) fn target(&self, extra: &MachineExtra, guest: u16, host_port: u16) -> (String, u16) {
+        match self.machine_net(extra) {
+            Some(n) => (n.ipv4, guest),
+            None => (self.cfg().forward_addr.clone(), host_port),
+        }
+    }
+
+    fn machine_net(&self, extra: &MachineExtra) -> Option<crate::net::MachineNet> {
+        let slot = extra.net_slot?;
+        Some(crate::net::machine_net(
+            &self.cfg().host_id,
+            &extra.org,
+            slot,
+        ))
+    }
+
+    /// The lowest private-network slot no machine of this host holds.
+    fn allocate_slot(&self, id: &str) -> Result<u16, AgentError> {
+        let _held = match self.inner.slots.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let used: std::collections::HashSet<u16> = self
+            .inner
+            .db
+            .list_machines(None)
+            .map_err(internal)?
+            .into_iter()
+            .filter(|(_, m, _)| m.id != id)
+            .filter_map(|(_, _, e)| e.net_slot)
+            .collect();
+        (1..16_000)
+            .find(|s| !used.contains(s))
+            .ok_or_else(|| AgentError::Capacity {
+                host: self.cfg().host_id.clone(),
+                detail: "no free private network slot".into(),
+            })
     }
 
     fn event(
@@ -388,7 +453,10 @@ impl Agent {
             .cloned()
             .unwrap_or_else(|| "app".into());
         let image_ref = m.config.image.clone();
-        let private_ip = "10.0.2.15".to_string();
+        let net = self.machine_net(extra);
+        let private_ip = net
+            .as_ref()
+            .map_or_else(|| "10.0.2.15".to_string(), |n| n.ipv6.clone());
         let mut env = BTreeMap::new();
         let mut fly = |k: &str, v: &str| {
             env.insert(format!("FLY_{k}"), v.to_string());
@@ -423,15 +491,29 @@ impl Agent {
                 labels: ic.labels.clone(),
             },
             extra_env: env,
-            network: NetworkConfig {
-                interfaces: vec![InterfaceConfig {
-                    name: "eth0".into(),
-                    addresses: vec![format!("{private_ip}/24")],
-                    gateway4: Some("10.0.2.2".into()),
-                    ..Default::default()
-                }],
-                dns_servers: vec!["10.0.2.3".into()],
-                extra_hosts: vec![],
+            network: match &net {
+                Some(n) => NetworkConfig {
+                    interfaces: vec![InterfaceConfig {
+                        name: "eth0".into(),
+                        mac: n.mac.clone(),
+                        addresses: vec![format!("{}/30", n.ipv4), format!("{}/112", n.ipv6)],
+                        gateway4: Some(n.gateway4.clone()),
+                        gateway6: Some(n.gateway6.clone()),
+                        ..Default::default()
+                    }],
+                    dns_servers: vec![],
+                    extra_hosts: vec![],
+                },
+                None => NetworkConfig {
+                    interfaces: vec![InterfaceConfig {
+                        name: "eth0".into(),
+                        addresses: vec![format!("{private_ip}/24")],
+                        gateway4: Some("10.0.2.2".into()),
+                        ..Default::default()
+                    }],
+                    dns_servers: vec!["10.0.2.3".into()],
+                    extra_hosts: vec![],
+                },
             },
             volumes: volumes
                 .iter()
@@ -529,6 +611,7 @@ impl Agent {
         rootfs: &Path,
         volumes: &[(String, PathBuf, String)],
         forwards: &[(u16, u16)],
+        net: Option<&crate::net::MachineNet>,
     ) -> VmSpec {
         let guest = m.config.guest.clone().unwrap_or_default();
         VmSpec {
@@ -540,15 +623,21 @@ impl Agent {
             vcpus: guest.cpus.max(1) as u32,
             root_base: rootfs.to_path_buf(),
             volumes: volumes.iter().map(|(_, p, _)| p.clone()).collect(),
-            network: VmNetwork::User {
-                forwards: forwards
-                    .iter()
-                    .map(|(guest, host)| PortForward {
-                        host_addr: self.cfg().forward_addr.clone(),
-                        host_port: *host,
-                        guest_port: *guest,
-                    })
-                    .collect(),
+            network: match net {
+                Some(n) => VmNetwork::Tap {
+                    ifname: n.tap.clone(),
+                    mac: n.mac.clone(),
+                },
+                None => VmNetwork::User {
+                    forwards: forwards
+                        .iter()
+                        .map(|(guest, host)| PortForward {
+                            host_addr: self.cfg().forward_addr.clone(),
+                            host_port: *host,
+                            guest_port: *guest,
+                        })
+                        .collect(),
+                },
             },
             run_json: serde_json::to_vec(run).unwrap_or_default(),
             accel: self.cfg().accel,
@@ -576,8 +665,28 @@ impl Agent {
             fault_point("start", 1);
             let volumes = self.machine_volumes(app, &m)?;
             extra.forwards = self.allocate_forwards(&m, &extra.forwards)?;
+            if self.inner.tap_network {
+                if extra.net_slot.is_none() {
+                    extra.net_slot = Some(self.allocate_slot(id)?);
+                    self.inner
+                        .db
+                        .put_machine(app, &m, &extra)
+                        .map_err(internal)?;
+                }
+                if let Some(n) = self.machine_net(&extra) {
+                    crate::net::machine_up(&self.cfg().host_id, &n).map_err(internal)?;
+                }
+            }
+            let net = self.machine_net(&extra);
             let run = self.run_config(app, &m, &extra, &image, &volumes);
-            let spec = self.vm_spec(&m, &run, &image.rootfs, &volumes, &extra.forwards);
+            let spec = self.vm_spec(
+                &m,
+                &run,
+                &image.rootfs,
+                &volumes,
+                &extra.forwards,
+                net.as_ref(),
+            );
             self.inner.vmm.prepare(&spec).await.map_err(internal)?;
             // Persist the forwards and digest before QEMU uses them (recovery after
             // step 3 keeps this VM).
@@ -918,6 +1027,9 @@ impl Agent {
         self.inner.db.op_step(id, 1).map_err(internal)?;
         fault_point("destroy", 1);
         let _ = std::fs::remove_dir_all(self.machine_dir(id));
+        if let Some(n) = self.machine_net(&extra) {
+            crate::net::machine_down(&self.cfg().host_id, &n);
+        }
         self.inner.db.op_step(id, 2).map_err(internal)?;
         fault_point("destroy", 2);
         self.event(id, "destroy", "destroyed", source, None);
@@ -1187,10 +1299,6 @@ impl Agent {
         }
     }
 
-    pub(crate) fn forward_addr(&self) -> &str {
-        &self.cfg().forward_addr
-    }
-
     /// The guest channel of a running machine.
     async fn channel(&self, id: &str) -> Result<Arc<GuestChannel>, AgentError> {
         let rt = self.inner.runtimes.lock().await;
@@ -1342,6 +1450,11 @@ impl AgentApi for Agent {
         }
         let extra = MachineExtra {
             secrets: req.secrets.clone(),
+            org: if req.org.is_empty() {
+                "personal".into()
+            } else {
+                req.org.clone()
+            },
             ..Default::default()
         };
         let lock = self.lock_for(&id);

@@ -48,6 +48,10 @@ pub struct CreateMachine {
     /// Create a lease with this TTL (seconds) as part of the call.
     #[serde(default)]
     pub lease_ttl: Option<u64>,
+    /// The app's organisation: machines of different organisations cannot reach each
+    /// other on the private network.
+    #[serde(default)]
+    pub org: String,
 }
 
 /// `POST /apps/{app}/machines/{id}` (update)

@@ -80,6 +80,12 @@ pub struct MachineExtra {
     /// The stop was asked for by a user (so the exit is not a crash to restart).
     #[serde(default)]
     pub stop_requested: bool,
+    /// The app's organisation (private network isolation).
+    #[serde(default)]
+    pub org: String,
+    /// The machine's slot on this host's private network (TAP mode).
+    #[serde(default)]
+    pub net_slot: Option<u16>,
 }
 
 /// An operation in flight: `kind` (create, start, stop, restart, update, suspend,

@@ -64,7 +64,7 @@ pub(crate) async fn run(agent: Agent) {
                     .forwards
                     .iter()
                     .find(|(g, _)| i64::from(*g) == port)
-                    .map(|(_, h)| *h);
+                    .map(|(g, h)| agent.target(&extra, *g, *h));
                 let timeout =
                     dur(&check.timeout, Duration::from_secs(2)).min(Duration::from_secs(60));
                 let (status, output) = match host_port {
@@ -72,7 +72,7 @@ pub(crate) async fn run(agent: Agent) {
                         "critical",
                         format!("port {port} is not reachable from the host"),
                     ),
-                    Some(hp) => probe(agent.forward_addr(), hp, &check, timeout).await,
+                    Some((ip, p)) => probe(&ip, p, &check, timeout).await,
                 };
                 let entry = CheckStatus {
                     name: name.clone(),

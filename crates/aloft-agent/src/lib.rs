@@ -9,6 +9,7 @@ mod agent;
 pub mod api;
 mod db;
 mod health;
+pub mod net;
 mod volumes;
 
 pub use agent::{Agent, AgentConfig, FAULT_ENV, rfc3339};

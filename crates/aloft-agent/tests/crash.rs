@@ -259,6 +259,12 @@ fn crash_child() {
             "destroy" => {
                 agent.destroy_machine(APP, &id, true, None).await.unwrap();
             }
+            "recover" => {
+                // Recovery ran in open(); wait for the boots it started.
+                for m in agent.list_machines(APP).await.unwrap() {
+                    wait_state(&agent, &m.id, "started").await;
+                }
+            }
             other => panic!("unknown child op {other:?}"),
         }
         std::io::stdout().flush().unwrap();
@@ -570,6 +576,8 @@ struct Case {
     after: After,
     /// The config version the machine runs at the end (updates are undone).
     version: &'static str,
+    /// A second fault, hit by the agent that recovers from the first one.
+    then: Option<&'static str>,
     /// A known agent bug makes this case fail: it runs in the ignored test
     /// [`crash_cases_with_known_agent_bugs`] until fixed.
     bug: Option<&'static str>,
@@ -582,11 +590,17 @@ const fn case(op: &'static str, before: Before, fault: &'static str, after: Afte
         fault,
         after,
         version: "1",
+        then: None,
         bug: None,
     }
 }
 
 impl Case {
+    const fn then(mut self, fault: &'static str) -> Case {
+        self.then = Some(fault);
+        self
+    }
+
     const fn bug(mut self, why: &'static str) -> Case {
         self.bug = Some(why);
         self
@@ -635,6 +649,11 @@ fn matrix() -> Vec<Case> {
         case("restart", B::Started, "start:1", A::Started),
         case("restart", B::Started, "start:2", A::Started),
         case("restart", B::Started, "start:3", A::SameVm),
+        // The recovering agent crashes too.
+        case("create", B::Nothing, "start:1", A::SameVm).then("start:3"),
+        case("update", B::Started, "update:1", A::Started).then("start:2"),
+        case("stop", B::Started, "stop:0", A::Stopped).then("stop:1"),
+        case("destroy", B::Started, "destroy:0", A::Destroyed).then("destroy:1"),
     ]
 }
 
@@ -670,7 +689,15 @@ impl Shared {
 }
 
 fn run_case(shared: &Shared, c: &Case) {
-    let name = format!("{}-{:?}-{}", c.op, c.before, c.fault.replace(':', "-"));
+    let name = format!(
+        "{}-{:?}-{}{}",
+        c.op,
+        c.before,
+        c.fault.replace(':', "-"),
+        c.then
+            .map(|f| format!("-then-{}", f.replace(':', "-")))
+            .unwrap_or_default()
+    );
     let data = shared.data_dir(&name);
     let _reaper = Reaper(data.clone());
     let env = shared.env();
@@ -702,21 +729,23 @@ fn run_case(shared: &Shared, c: &Case) {
     if !id.is_empty() {
         op_env.push((CHILD_ID, id.as_str()));
     }
-    let run = run_child(&data, c.op, &op_env, Some(c.fault));
-    assert_eq!(
-        run.status.signal(),
-        Some(libc_sigabrt()),
-        "{name}: the fault was not reached ({:?}):\n{}\n{}",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
-    assert!(
-        run.stderr
-            .contains(&format!("injected fault at {}", c.fault)),
-        "{name}: {}",
-        run.stderr
-    );
+    let crashes = std::iter::once((c.op, c.fault)).chain(c.then.map(|f| ("recover", f)));
+    for (op, fault) in crashes {
+        let run = run_child(&data, op, &op_env, Some(fault));
+        assert_eq!(
+            run.status.signal(),
+            Some(libc_sigabrt()),
+            "{name}: {op}: fault {fault} was not reached ({:?}):\n{}\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(&format!("injected fault at {fault}")),
+            "{name}: {}",
+            run.stderr
+        );
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -824,7 +853,11 @@ fn run_matrix(pick: impl Fn(&Case) -> bool) {
     let mut failures = Vec::new();
     let mut report = Vec::new();
     for c in matrix().into_iter().filter(|c| pick(c)) {
-        let label = format!("{} ({:?}) crash at {}", c.op, c.before, c.fault);
+        let then = c
+            .then
+            .map(|f| format!(", again at {f}"))
+            .unwrap_or_default();
+        let label = format!("{} ({:?}) crash at {}{then}", c.op, c.before, c.fault);
         if only.as_deref().is_some_and(|o| !label.contains(o)) {
             continue;
         }

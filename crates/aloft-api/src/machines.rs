@@ -341,6 +341,16 @@ fn bounded(field: &str, v: Option<u64>, default: u64, max: u64) -> Result<u64, A
     }
 }
 
+/// The organisation an app belongs to (for private network isolation).
+async fn app_org(state: &ApiState, app: &str) -> String {
+    match state.store().get(&aloft_types::catalog::app_key(app)).await {
+        Ok(Some(e)) => serde_json::from_slice::<aloft_types::catalog::AppRecord>(&e.value)
+            .map(|r| r.org)
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
 fn check_config(config: &MachineConfig) -> Result<(), ApiError> {
     if config.image.trim().is_empty() {
         return Err(ApiError::BadRequest(
@@ -378,6 +388,7 @@ pub async fn create(
             skip_launch: req.skip_launch,
             secrets,
             lease_ttl: req.lease_ttl,
+            org: app_org(&state, &app).await,
         })
         .await?;
     Ok(Json(m))

@@ -44,6 +44,11 @@ pub struct DevArgs {
     /// Accelerator: auto (KVM when it works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
+    /// Machine networking: `user` (QEMU user-mode, host port forwards; no root needed)
+    /// or `tap` (root: a routed TAP per machine with private IPv6/IPv4, NAT and
+    /// organisation isolation).
+    #[arg(long, default_value = "user")]
+    pub network: String,
 }
 
 /// Finds the static guest init: `ALOFT_INIT_BIN`, then the musl build directories of
@@ -165,7 +170,12 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
             },
             tcg_tb_size_mb: Some(32),
         };
-        let agent = Agent::open(cfg, store.clone(), Arc::new(QemuVmm))
+        let tap = match args.network.as_str() {
+            "user" => false,
+            "tap" => true,
+            other => bail!("--network {other:?}: use user or tap"),
+        };
+        let agent = Agent::open_with_network(cfg, store.clone(), Arc::new(QemuVmm), tap)
             .await
             .map_err(|e| anyhow::anyhow!("agent for region {region}: {e}"))?;
         agents.push(agent);
