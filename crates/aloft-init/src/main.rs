@@ -119,6 +119,8 @@ fn main() {
     let mut init = Init::new(cfg, creds, sigfd, port);
     init.start_app();
     boot::load_late_modules(late_modules);
+    // The ACPI power button appears with the late `button`/`evdev` modules.
+    init.inputs = open_power_buttons();
     init.run()
 }
 
