@@ -25,7 +25,7 @@ pub mod static_routes;
 pub mod upstream;
 
 pub use balance::Lease;
-pub use routes::{RouteTable, RouteTableError, Routes, RoutesSpec};
+pub use routes::{MachineStarter, RouteTable, RouteTableError, Routes, RoutesSpec};
 pub use server::{Listener, ProxyConfig, ServeReport, serve};
 pub use static_routes::{RoutesFileError, load_routes_file, read_routes_file};
 pub use upstream::{ConnectError, UpstreamError};

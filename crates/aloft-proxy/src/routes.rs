@@ -215,6 +215,8 @@ pub struct AppRoute {
     /// Every machine id of the app, whatever its state (to tell "stopped" from
     /// "unknown" when a request forces an instance).
     pub machine_states: HashMap<String, String>,
+    /// The region of every machine id of the app (autostart prefers the proxy's own).
+    pub machine_regions: HashMap<String, String>,
 }
 
 impl AppRoute {
@@ -229,6 +231,8 @@ impl AppRoute {
 /// An immutable routing snapshot.
 #[derive(Debug, Default)]
 pub struct RouteTable {
+    /// The region of the proxy the table was built for.
+    region: String,
     apps: Vec<AppRoute>,
     hosts: HashMap<String, usize>,
     wildcard: Option<usize>,
@@ -255,7 +259,10 @@ impl RouteTable {
             }
         }
 
-        let mut table = RouteTable::default();
+        let mut table = RouteTable {
+            region: own_region.to_string(),
+            ..RouteTable::default()
+        };
         let mut app_names: HashMap<&str, usize> = HashMap::new();
         for (ai, app) in spec.apps.iter().enumerate() {
             let akey = format!("apps[{ai}]");
@@ -304,6 +311,7 @@ impl RouteTable {
 
             // Machines: validate once, then make a backend per service.
             let mut machine_states = HashMap::new();
+            let mut machine_regions = HashMap::new();
             let mut parsed = Vec::new();
             for (mi, m) in app.machines.iter().enumerate() {
                 let mkey = format!("{akey}.machines[{mi}]");
@@ -329,6 +337,7 @@ impl RouteTable {
                         format!("{:?} is not an IP address or IP:port", m.address),
                     )
                 })?;
+                machine_regions.insert(m.id.clone(), m.region.clone());
                 if machine_states
                     .insert(m.id.clone(), m.state.clone())
                     .is_some()
@@ -431,6 +440,7 @@ impl RouteTable {
                 name: Arc::from(app.name.as_str()),
                 services,
                 machine_states,
+                machine_regions,
             });
         }
         Ok(table)
@@ -442,6 +452,11 @@ impl RouteTable {
             Some(&i) => Some(&self.apps[i]),
             None => self.wildcard.map(|i| &self.apps[i]),
         }
+    }
+
+    /// The region of the proxy this table routes for.
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     pub fn apps(&self) -> &[AppRoute] {
@@ -476,11 +491,30 @@ fn order_regions(groups: &mut [RegionGroup], own: &str, order: &[String]) {
     });
 }
 
+/// Starts a stopped or suspended machine on the proxy's behalf (autostart). The proxy
+/// never changes machine state itself: it asks whoever owns the machine.
+#[async_trait::async_trait]
+pub trait MachineStarter: Send + Sync {
+    async fn start_machine(&self, app: &str, machine_id: &str) -> Result<(), String>;
+}
+
 /// The current routing snapshot of a proxy, replaced atomically by any route source.
-#[derive(Debug)]
 pub struct Routes {
     region: String,
     current: ArcSwap<RouteTable>,
+    /// Woken on every new table (autostart waits on it).
+    pub(crate) changed: tokio::sync::Notify,
+    starter: std::sync::OnceLock<Arc<dyn MachineStarter>>,
+    /// Apps with an autostart in flight, and the last autostart failure per app.
+    pub(crate) starting: std::sync::Mutex<HashMap<String, Option<String>>>,
+}
+
+impl std::fmt::Debug for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routes")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Routes {
@@ -489,7 +523,19 @@ impl Routes {
         Routes {
             region: region.into(),
             current: ArcSwap::from_pointee(RouteTable::default()),
+            changed: tokio::sync::Notify::new(),
+            starter: std::sync::OnceLock::new(),
+            starting: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Lets the proxy start stopped machines when a request finds none started.
+    pub fn set_starter(&self, starter: Arc<dyn MachineStarter>) {
+        let _ = self.starter.set(starter);
+    }
+
+    pub(crate) fn starter(&self) -> Option<&Arc<dyn MachineStarter>> {
+        self.starter.get()
     }
 
     /// Build a table from `spec` and publish it; on error the current table stays.
@@ -497,6 +543,7 @@ impl Routes {
         let prev = self.current.load();
         let table = RouteTable::build(spec, &self.region, Some(&prev))?;
         self.current.store(Arc::new(table));
+        self.changed.notify_waiters();
         Ok(())
     }
 

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 
 use crate::balance::{self, Capacity, Choice, Constraints, Lease};
 use crate::body::{ReqBody, RespBody};
-use crate::routes::{AppRoute, Routes, ServiceRoute};
+use crate::routes::{AppRoute, RouteTable, Routes, ServiceRoute};
 use crate::scan::ScanStream;
 use crate::upstream::{self, Head, Sent, UpstreamBody, UpstreamError};
 
@@ -394,8 +394,22 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
         }
     }
 
-    // route.
-    let table = ctx.shared.routes.load_full();
+    // route (starting a stopped machine first when none is started: autostart).
+    let mut table = ctx.shared.routes.load_full();
+    if let Some((app_name, stopped)) = autostart_candidates(&table, &host, ctx.public_port) {
+        match autostart(
+            &ctx.shared.routes,
+            &app_name,
+            &stopped,
+            &host,
+            ctx.public_port,
+        )
+        .await
+        {
+            Ok(t) => table = t,
+            Err(resp) => return resp,
+        }
+    }
     let Some(app) = table.app_for_host(&host) else {
         return reply(
             StatusCode::NOT_FOUND,
@@ -463,6 +477,124 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
     h.insert(FLY_REQUEST_ID.clone(), request_id);
     h.append(header::VIA, ctx.shared.via.clone());
     resp
+}
+
+/// How long a request waits for an autostarted machine (a TCG boot takes seconds).
+const AUTOSTART_WAIT: Duration = Duration::from_secs(60);
+
+/// When the service for `port` of the app at `host` has no started machine but the app
+/// has stopped or suspended ones: the app and those machine ids.
+fn autostart_candidates(
+    table: &RouteTable,
+    host: &str,
+    port: u16,
+) -> Option<(String, Vec<String>)> {
+    let app = table.app_for_host(host)?;
+    let svc = app.service_for_port(port)?;
+    if svc.groups.iter().any(|g| !g.backends.is_empty()) {
+        return None;
+    }
+    let mut stopped: Vec<String> = app
+        .machine_states
+        .iter()
+        .filter(|(_, s)| matches!(s.as_str(), "stopped" | "suspended" | "created"))
+        .map(|(id, _)| id.clone())
+        .collect();
+    // The proxy's own region first, then by id (stable choice between requests).
+    let own = |id: &String| app.machine_regions.get(id).map(String::as_str) != Some(table.region());
+    stopped.sort_by(|a, b| (own(a), a).cmp(&(own(b), b)));
+    (!stopped.is_empty()).then(|| (app.name.to_string(), stopped))
+}
+
+/// Asks the machine owner to start one of `stopped` (one start per app at a time) and
+/// waits, bounded, for a table in which the service has a started machine.
+async fn autostart(
+    routes: &Arc<Routes>,
+    app: &str,
+    stopped: &[String],
+    host: &str,
+    port: u16,
+) -> Result<Arc<RouteTable>, Response<RespBody>> {
+    let Some(starter) = routes.starter().cloned() else {
+        return Ok(routes.load_full());
+    };
+    let lead = {
+        let mut starting = match routes.starting.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        match starting.get(app) {
+            Some(None) => false,
+            _ => {
+                starting.insert(app.to_string(), None);
+                true
+            }
+        }
+    };
+    if lead {
+        let (routes2, app2, ids) = (Arc::clone(routes), app.to_string(), stopped.to_vec());
+        tokio::spawn(async move {
+            // The first machine that starts wins; the errors of the others are kept.
+            let mut result = Err(String::from("no machine to start"));
+            let mut errors = Vec::new();
+            for id in &ids {
+                tracing::info!(app = %app2, machine = %id, "autostart");
+                match starter.start_machine(&app2, id).await {
+                    Ok(()) => {
+                        result = Ok(());
+                        break;
+                    }
+                    Err(e) => errors.push(format!("machine {id}: {e}")),
+                }
+            }
+            if result.is_err() && !errors.is_empty() {
+                result = Err(errors.join("; "));
+            }
+            let mut starting = match routes2.starting.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            match result {
+                Ok(()) => {
+                    starting.remove(&app2);
+                }
+                Err(e) => {
+                    starting.insert(app2, Some(e));
+                }
+            }
+            drop(starting);
+            routes2.changed.notify_waiters();
+        });
+    }
+    let deadline = tokio::time::Instant::now() + AUTOSTART_WAIT;
+    loop {
+        let notified = routes.changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let table = routes.load_full();
+        if autostart_candidates(&table, host, port).is_none() {
+            return Ok(table);
+        }
+        let failed = match routes.starting.lock() {
+            Ok(s) => s.get(app).cloned().flatten(),
+            Err(p) => p.into_inner().get(app).cloned().flatten(),
+        };
+        if let Some(why) = failed {
+            if let Ok(mut s) = routes.starting.lock() {
+                s.remove(app);
+            }
+            return Err(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("app {app}: could not start a machine: {why}"),
+            ));
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("app {app}: no machine started within {AUTOSTART_WAIT:?}"),
+            ));
+        }
+    }
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {

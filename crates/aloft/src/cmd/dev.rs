@@ -184,6 +184,7 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|a| Arc::new(a.clone()) as Arc<dyn AgentApi>)
         .collect();
+    let agent_apis_for_proxy = agent_apis.clone();
     let state = aloft_api::ApiState::new(store.clone(), agent_apis, &root)
         .await
         .context("cannot start the API")?;
@@ -223,6 +224,9 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
         let local = listener.local_addr()?;
         proxy_addrs.push((region.clone(), local));
         let routes = Arc::new(Routes::new(region.clone()));
+        routes.set_starter(Arc::new(AgentStarter {
+            agents: agent_apis_for_proxy.clone(),
+        }));
         let order: Vec<String> = regions.iter().filter(|r| *r != region).cloned().collect();
         tokio::spawn(aloft_proxy::catalog::follow_catalog(
             store.clone(),
@@ -290,6 +294,25 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
     }
     let _ = std::fs::remove_file(&dev_json);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Autostart for the proxies: the agent that owns the machine starts it.
+struct AgentStarter {
+    agents: Vec<Arc<dyn AgentApi>>,
+}
+
+#[async_trait::async_trait]
+impl aloft_proxy::MachineStarter for AgentStarter {
+    async fn start_machine(&self, app: &str, machine_id: &str) -> Result<(), String> {
+        for agent in &self.agents {
+            match agent.start_machine(app, machine_id, None).await {
+                Ok(_) => return Ok(()),
+                Err(aloft_agent::AgentError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(format!("no host knows machine {machine_id}"))
+    }
 }
 
 fn set_private(path: &Path) {
