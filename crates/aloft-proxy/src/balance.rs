@@ -34,6 +34,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.backend
+            .last_active
+            .store(clock::now_ms(), Ordering::Relaxed);
         if self.capacity.waiters.load(Ordering::SeqCst) > 0 {
             self.capacity.notify.notify_waiters();
         }

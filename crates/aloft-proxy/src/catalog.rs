@@ -71,6 +71,15 @@ pub fn spec_from_catalog(
                                     }
                                 });
                         Some(ServiceSpec {
+                            autostop: s.autostop.as_ref().and_then(|v| match v {
+                                serde_json::Value::String(a) => Some(a.clone()),
+                                serde_json::Value::Bool(true) => Some("stop".into()),
+                                _ => None,
+                            }),
+                            min_machines_running: s
+                                .min_machines_running
+                                .and_then(|n| u32::try_from(n).ok())
+                                .unwrap_or(0),
                             internal_port,
                             ports: s
                                 .ports
@@ -177,6 +186,56 @@ pub async fn follow_catalog(
                 }
                 Some(Ok(_)) => continue,
                 _ => break,
+            }
+        }
+    }
+}
+
+/// Stops (or suspends) machines idle for `idle` above each service's
+/// `min_machines_running`, at most one per app, service and region per pass, through
+/// the routes' [`crate::MachineStarter`]. Runs until the task is dropped.
+pub async fn autostop(routes: Arc<Routes>, idle: Duration) {
+    let pass = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    loop {
+        tokio::time::sleep(pass).await;
+        let Some(owner) = routes.starter().cloned() else {
+            continue;
+        };
+        let table = routes.load_full();
+        let now = crate::clock::now_ms();
+        let idle_ms = idle.as_millis() as u64;
+        let mut stops = Vec::new();
+        for app in table.apps() {
+            for svc in &app.services {
+                let Some(mode) = svc.autostop.as_deref() else {
+                    continue;
+                };
+                for g in &svc.groups {
+                    let running = g.backends.len() as u32;
+                    if running <= svc.min_machines_running {
+                        continue;
+                    }
+                    let idle_one = g.backends.iter().find(|b| {
+                        b.in_flight() == 0
+                            && now.saturating_sub(
+                                b.last_active.load(std::sync::atomic::Ordering::Relaxed),
+                            ) >= idle_ms
+                    });
+                    if let Some(b) = idle_one {
+                        stops.push((
+                            app.name.to_string(),
+                            b.machine_id.to_string(),
+                            mode == "suspend",
+                        ));
+                    }
+                }
+            }
+        }
+        stops.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        for (app, id, suspend) in stops {
+            tracing::info!(app = %app, machine = %id, suspend, "autostop: idle machine");
+            if let Err(e) = owner.stop_machine(&app, &id, suspend).await {
+                tracing::warn!(app = %app, machine = %id, "autostop failed: {e}");
             }
         }
     }

@@ -71,6 +71,12 @@ pub struct ServiceSpec {
     pub ports: Vec<PortSpec>,
     #[serde(default)]
     pub concurrency: Concurrency,
+    /// `stop` or `suspend` idle machines above `min_machines_running`; absent or `off`
+    /// keeps them running.
+    #[serde(default)]
+    pub autostop: Option<String>,
+    #[serde(default)]
+    pub min_machines_running: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -159,6 +165,8 @@ pub struct Backend {
     /// Milliseconds since [`crate::clock`]'s epoch until which the machine is
     /// considered failing (a connect to it failed).
     pub(crate) failing_until: AtomicU64,
+    /// When a request last ended (or the machine appeared), for autostop.
+    pub(crate) last_active: AtomicU64,
     pub(crate) pool: Pool,
 }
 
@@ -170,6 +178,7 @@ impl Backend {
             addr,
             in_flight: AtomicU32::new(0),
             failing_until: AtomicU64::new(0),
+            last_active: AtomicU64::new(crate::clock::now_ms()),
             pool: Pool::new(),
         }
     }
@@ -204,6 +213,8 @@ pub struct ServiceRoute {
     pub internal_port: u16,
     pub ports: Vec<PortRoute>,
     pub concurrency: Concurrency,
+    pub autostop: Option<String>,
+    pub min_machines_running: u32,
     /// Started machines grouped by region: own region first, then nearest first.
     pub groups: Vec<RegionGroup>,
 }
@@ -433,6 +444,8 @@ impl RouteTable {
                     internal_port: s.internal_port,
                     ports,
                     concurrency: c,
+                    autostop: s.autostop.clone().filter(|a| a != "off"),
+                    min_machines_running: s.min_machines_running,
                     groups,
                 });
             }
@@ -491,11 +504,17 @@ fn order_regions(groups: &mut [RegionGroup], own: &str, order: &[String]) {
     });
 }
 
-/// Starts a stopped or suspended machine on the proxy's behalf (autostart). The proxy
-/// never changes machine state itself: it asks whoever owns the machine.
+/// Starts a stopped or suspended machine on the proxy's behalf (autostart), and stops
+/// or suspends an idle one (autostop). The proxy never changes machine state itself:
+/// it asks whoever owns the machine.
 #[async_trait::async_trait]
 pub trait MachineStarter: Send + Sync {
     async fn start_machine(&self, app: &str, machine_id: &str) -> Result<(), String>;
+    /// Stops (or, with `suspend`, suspends) an idle machine.
+    async fn stop_machine(&self, app: &str, machine_id: &str, suspend: bool) -> Result<(), String> {
+        let _ = (app, machine_id, suspend);
+        Err("autostop is not supported by this machine owner".into())
+    }
 }
 
 /// The current routing snapshot of a proxy, replaced atomically by any route source.
@@ -534,7 +553,7 @@ impl Routes {
         let _ = self.starter.set(starter);
     }
 
-    pub(crate) fn starter(&self) -> Option<&Arc<dyn MachineStarter>> {
+    pub fn starter(&self) -> Option<&Arc<dyn MachineStarter>> {
         self.starter.get()
     }
 

@@ -95,3 +95,63 @@ async fn failed_autostart_is_a_503_saying_why() {
         g.body
     );
 }
+
+/// Records autostop requests.
+#[derive(Default)]
+struct RecordStops {
+    stops: std::sync::Mutex<Vec<(String, bool)>>,
+}
+
+#[async_trait::async_trait]
+impl MachineStarter for RecordStops {
+    async fn start_machine(&self, _app: &str, _machine_id: &str) -> Result<(), String> {
+        Ok(())
+    }
+    async fn stop_machine(
+        &self,
+        _app: &str,
+        machine_id: &str,
+        suspend: bool,
+    ) -> Result<(), String> {
+        self.stops
+            .lock()
+            .unwrap()
+            .push((machine_id.to_string(), suspend));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_machines_above_the_minimum_are_stopped_one_per_pass() {
+    let a = TestBackend::start("a").await;
+    let b = TestBackend::start("b").await;
+    let mut s = spec(10, 20, &[("a", "local", a.addr), ("b", "local", b.addr)]);
+    s.apps[0].services[0].autostop = Some("suspend".into());
+    s.apps[0].services[0].min_machines_running = 1;
+    let proxy = TestProxy::start(s, |_| {}).await;
+    let owner = Arc::new(RecordStops::default());
+    proxy.routes.set_starter(owner.clone());
+    let idle = std::time::Duration::from_millis(300);
+    let task = tokio::spawn(aloft_proxy::catalog::autostop(
+        Arc::clone(&proxy.routes),
+        idle,
+    ));
+    // Busy: requests keep both machines active for a while, nothing is stopped.
+    let mut cl = Client::connect(proxy.addr).await;
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(600);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(cl.get("/", &[]).await.status, StatusCode::OK);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(owner.stops.lock().unwrap().is_empty(), "stopped while busy");
+    // Idle: exactly one is suspended (the other is the minimum), one per pass.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while owner.stops.lock().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "nothing stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let stops = owner.stops.lock().unwrap().clone();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert!(stops[0].1, "suspend asked for");
+    task.abort();
+}

@@ -44,6 +44,10 @@ pub struct DevArgs {
     /// Accelerator: auto (KVM when it works, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto")]
     pub accel: String,
+    /// How long a machine must see no request before the proxy stops (or suspends) it,
+    /// for services with `auto_stop_machines` (above `min_machines_running`).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub autostop_idle: std::time::Duration,
     /// Machine networking: `user` (QEMU user-mode, host port forwards; no root needed)
     /// or `tap` (root: a routed TAP per machine with private IPv6/IPv4, NAT and
     /// organisation isolation).
@@ -234,6 +238,10 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
             args.host_suffix.clone(),
             order,
         ));
+        tokio::spawn(aloft_proxy::catalog::autostop(
+            routes.clone(),
+            args.autostop_idle,
+        ));
         let mut stop = stop_rx.clone();
         proxy_tasks.push(tokio::spawn(aloft_proxy::serve(
             vec![Listener {
@@ -313,6 +321,32 @@ impl aloft_proxy::MachineStarter for AgentStarter {
         }
         Err(format!("no host knows machine {machine_id}"))
     }
+
+    async fn stop_machine(&self, app: &str, machine_id: &str, suspend: bool) -> Result<(), String> {
+        for agent in &self.agents {
+            let r = if suspend {
+                agent
+                    .suspend_machine(app, machine_id, None)
+                    .await
+                    .map(|_| ())
+            } else {
+                agent
+                    .stop_machine(app, machine_id, aloft_agent::StopOptions::default(), None)
+                    .await
+                    .map(|_| ())
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(aloft_agent::AgentError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(format!("no host knows machine {machine_id}"))
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    aloft_types::appconfig::parse_go_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn set_private(path: &Path) {
