@@ -655,6 +655,7 @@ impl Agent {
         self.inner.db.begin_op(id, "start", "").map_err(internal)?;
         m.state = MachineState::Starting;
         extra.stop_requested = false;
+        extra.restart_pending = false;
         self.save(app, &mut m, &extra).await?;
         fault_point("start", 0);
 
@@ -1079,10 +1080,16 @@ impl Agent {
             let attached = self.inner.vmm.attach(&dir).await.ok();
             match (op, attached) {
                 (Some("start"), None) => {
-                    // Interrupted before the VM came up: do the start again.
+                    // Interrupted before the VM came up: do the start again (a resume
+                    // stays a resume while its saved state is there).
                     let _ = self.inner.db.end_op(&id);
                     let mut m = m;
-                    m.state = MachineState::Stopped;
+                    let saved = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
+                    m.state = if saved.exists() {
+                        MachineState::Suspended
+                    } else {
+                        MachineState::Stopped
+                    };
                     let _ = self.inner.db.put_machine(&app, &m, &extra);
                     let agent = self.clone();
                     tokio::spawn(async move {
@@ -1145,6 +1152,9 @@ impl Agent {
                     let _ = self
                         .stop_inner(&app, &id, StopOptions::default(), "flyd")
                         .await;
+                    if extra.restart_pending {
+                        self.spawn_boot(&app, &id, "finishing an interrupted restart");
+                    }
                 }
                 (_, Some(vm))
                     if matches!(
@@ -1155,9 +1165,15 @@ impl Agent {
                             | MachineState::Replacing
                     ) =>
                 {
-                    // Still running: keep it, never restart it.
+                    // Still running: keep it, never restart it. A guest still booting
+                    // gets the whole boot time to answer.
                     let vm: Arc<dyn Vm> = Arc::from(vm);
-                    let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
+                    let wait = if m.state == MachineState::Starting {
+                        BOOT_TIMEOUT
+                    } else {
+                        Duration::from_secs(5)
+                    };
+                    let ch = GuestChannel::connect(vm.ctl_socket(), wait)
                         .await
                         .ok()
                         .map(Arc::new);
@@ -1195,6 +1211,12 @@ impl Agent {
                             let mut m = m;
                             m.state = MachineState::Stopped;
                             let _ = self.save(&app, &mut m, &extra).await;
+                            if extra.restart_pending {
+                                self.spawn_boot(&app, &id, "finishing an interrupted restart");
+                            }
+                        }
+                        MachineState::Stopped if extra.restart_pending => {
+                            self.spawn_boot(&app, &id, "finishing an interrupted restart");
                         }
                         MachineState::Suspending => {
                             let state = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
@@ -1310,6 +1332,19 @@ impl Agent {
     /// How many VMs this agent supervises right now.
     pub async fn running_count(&self) -> usize {
         self.inner.runtimes.lock().await.len()
+    }
+
+    /// Boots a machine in the background under its lock (recovery work).
+    fn spawn_boot(&self, app: &str, id: &str, why: &'static str) {
+        let agent = self.clone();
+        let (app, id) = (app.to_string(), id.to_string());
+        tokio::spawn(async move {
+            let lock = agent.lock_for(&id);
+            let _held = lock.lock().await;
+            if let Err(e) = agent.boot(&app, &id, "flyd").await {
+                tracing::warn!(machine = %id, "{why} failed: {e}");
+            }
+        });
     }
 
     /// Stops every running machine gracefully, in parallel (for `aloft dev` exiting).
@@ -1609,6 +1644,12 @@ impl AgentApi for Agent {
         let lock = self.lock_for(id);
         let _held = lock.lock().await;
         self.check_lease(id, lease_nonce)?;
+        let (m, mut extra) = self.load(app, id)?;
+        extra.restart_pending = true;
+        self.inner
+            .db
+            .put_machine(app, &m, &extra)
+            .map_err(internal)?;
         self.stop_inner(app, id, opts, "user").await?;
         self.event(id, "restart", "restarting", "user", None);
         self.boot(app, id, "user").await

@@ -86,6 +86,9 @@ pub struct MachineExtra {
     /// The machine's slot on this host's private network (TAP mode).
     #[serde(default)]
     pub net_slot: Option<u16>,
+    /// A restart is under way: its stop half may have finished, its start not yet.
+    #[serde(default)]
+    pub restart_pending: bool,
 }
 
 /// An operation in flight: `kind` (create, start, stop, restart, update, suspend,

@@ -578,8 +578,8 @@ struct Case {
     version: &'static str,
     /// A second fault, hit by the agent that recovers from the first one.
     then: Option<&'static str>,
-    /// A known agent bug makes this case fail: it runs in the ignored test
-    /// [`crash_cases_with_known_agent_bugs`] until fixed.
+    /// The agent bug this case once showed (fixed; the case runs in
+    /// [`crash_cases_with_known_agent_bugs`]).
     bug: Option<&'static str>,
 }
 
@@ -898,10 +898,9 @@ fn every_operation_survives_a_crash_at_every_step() {
     run_matrix(|c| c.bug.is_none());
 }
 
-/// The crash cases a known agent bug breaks (see `BUG_*`); they fail until fixed, then
-/// move into the matrix above by dropping their `.bug(…)`.
+/// The crash cases of two agent bugs, now fixed: an interrupted resume stays a resume
+/// (its saved state is kept), and an interrupted restart finishes with a start.
 #[test]
-#[ignore = "known agent bugs: an interrupted resume cold-boots, an interrupted restart ends stopped"]
 fn crash_cases_with_known_agent_bugs() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return;
