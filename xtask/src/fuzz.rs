@@ -37,9 +37,12 @@ pub struct FuzzArgs {
     /// Wall-clock bound for all fuzzer runs together (seconds).
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
-    /// Also fuzz machine creation (random configs: image pulls and VM boots; slow).
+    /// Leave machine creation out (random configs; their image pulls fail fast offline).
     #[arg(long)]
-    pub with_machine_create: bool,
+    pub no_machine_create: bool,
+    /// Skip the runs against a real, booted machine (`{machine_id}` operations).
+    #[arg(long)]
+    pub no_machine: bool,
     /// Hypothesis seed, to replay a run.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -97,6 +100,8 @@ struct Finding {
 #[derive(Default)]
 struct Tally {
     operations: u64,
+    /// Documented operations our router does not serve (404 "no such API route" or 405).
+    unimplemented: std::collections::BTreeSet<String>,
     findings: Vec<Finding>,
     errors: Vec<String>,
 }
@@ -121,6 +126,19 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
 
     let dev = start_dev(&repo)?;
+    if !args.no_machine {
+        step("importing the hello image for a real machine");
+        let layout = crate::demo::build_hello_layout(&repo, &dev.dir.path().join("hello"))?;
+        crate::util::run(
+            Command::new(repo.join("target/debug/aloft"))
+                .arg("--data-dir")
+                .arg(dev.dir.path())
+                .args(["image", "import", "--json"])
+                .arg(&layout)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+    }
     let (api_url, token) = wait_dev_json(&dev)?;
     step(&format!("creating app {APP:?} for path parameters"));
     let (status, body) = http(
@@ -134,8 +152,26 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
         bail!("creating app {APP} answered {status}: {body}");
     }
 
+    let machine = if args.no_machine {
+        None
+    } else {
+        step("creating one real machine (hello:v1) for {machine_id} parameters");
+        let (status, body) = http(
+            &api_url,
+            "POST",
+            &format!("/v1/apps/{APP}/machines"),
+            &token,
+            r#"{"region":"local","config":{"image":"hello:v1","guest":{"cpus":1,"memory_mb":256}}}"#,
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        match (status, v["id"].as_str()) {
+            (200 | 201, Some(id)) => Some(id.to_string()),
+            _ => bail!("creating a machine answered {status}: {body}"),
+        }
+    };
+
     let mut common_excludes = vec!["--exclude-operation-id".to_string(), "Apps_delete".into()];
-    if !args.with_machine_create {
+    if args.no_machine_create {
         common_excludes.extend(["--exclude-operation-id".into(), "Machines_create".into()]);
     }
     let set_paths: Vec<String> = [
@@ -147,7 +183,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let runs = vec![
+    let mut runs = vec![
         Run {
             name: "fly",
             schema: spec.display().to_string(),
@@ -163,13 +199,52 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
             name: "own",
             schema: format!("{api_url}/v1/openapi.json"),
             extra: [
-                set_paths,
+                set_paths.clone(),
                 common_excludes,
                 vec!["--experimental".into(), "openapi-3.1".into()],
             ]
             .concat(),
         },
     ];
+    if let Some(id) = &machine {
+        // Every {machine_id} operation against the live machine, except destroying it;
+        // leases in a pass of their own, since a held lease turns the rest into 409s.
+        let on_machine = [
+            set_paths.clone(),
+            vec![
+                "--set-path".into(),
+                format!("machine_id={id}"),
+                // `wait` otherwise blocks for Fly's default 60 s per example.
+                "--set-query".into(),
+                "timeout=1".into(),
+            ],
+        ]
+        .concat();
+        let lease_ops = [
+            "Machines_show_lease",
+            "Machines_create_lease",
+            "Machines_release_lease",
+        ];
+        let mut extra = on_machine.clone();
+        extra.extend(["--include-path-regex".into(), r"\{machine_id\}".into()]);
+        for op in lease_ops.iter().chain(&["Machines_delete"]) {
+            extra.extend(["--exclude-operation-id".to_string(), op.to_string()]);
+        }
+        runs.push(Run {
+            name: "fly-machine",
+            schema: spec.display().to_string(),
+            extra,
+        });
+        let mut extra = on_machine;
+        for op in lease_ops {
+            extra.extend(["--include-operation-id".to_string(), op.to_string()]);
+        }
+        runs.push(Run {
+            name: "fly-machine-lease",
+            schema: spec.display().to_string(),
+            extra,
+        });
+    }
 
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let mut tally = Tally::default();
@@ -244,6 +319,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
             "server_errors": server_errors,
             "nonconforming": nonconforming,
             "fuzzer_errors": tally.errors.len(),
+            "unimplemented": tally.unimplemented.len(),
             "seconds": started.elapsed().as_secs(),
         })
     );
@@ -419,7 +495,6 @@ fn parse_debug(run: &'static str, path: &Path, tally: &mut Tally) -> Result<()> 
             continue;
         };
         match e["event_type"].as_str() {
-            Some("Initialized") => tally.operations += e["operations_count"].as_u64().unwrap_or(0),
             Some("Finished") => {
                 for g in e["generic_errors"].as_array().into_iter().flatten() {
                     tally
@@ -428,6 +503,7 @@ fn parse_debug(run: &'static str, path: &Path, tally: &mut Tally) -> Result<()> 
                 }
             }
             Some("AfterExecution") => {
+                tally.operations += 1;
                 let result = &e["result"];
                 let op = result["verbose_name"].as_str().unwrap_or("?").to_string();
                 for err in result["errors"].as_array().into_iter().flatten() {
@@ -440,6 +516,11 @@ fn parse_debug(run: &'static str, path: &Path, tally: &mut Tally) -> Result<()> 
                         .push(format!("{run}: {op}: {}", shorten(&msg, 300)));
                 }
                 for c in result["checks"].as_array().into_iter().flatten() {
+                    let status = c["response"]["status_code"].as_u64();
+                    let body = b64(&c["response"]["body"]).unwrap_or_default();
+                    if status == Some(405) || body.contains("no such API route") {
+                        tally.unimplemented.insert(op.clone());
+                    }
                     if c["value"] != "failure" {
                         continue;
                     }
@@ -512,6 +593,9 @@ fn print_summary(tally: &Tally, elapsed: Duration) {
                 println!("        {}", f.message);
             }
         }
+    }
+    for op in &tally.unimplemented {
+        println!("  not served (404 no such API route / 405): {op}");
     }
     for e in &tally.errors {
         println!("  fuzzer error: {e}");
