@@ -43,6 +43,10 @@ pub struct FuzzArgs {
     /// Skip the runs against a real, booted machine (`{machine_id}` operations).
     #[arg(long)]
     pub no_machine: bool,
+    /// Checks to run (schemathesis names; 5xx and schema conformance by default, e.g.
+    /// add status_code_conformance,content_type_conformance for undocumented answers).
+    #[arg(long, default_value = CHECKS)]
+    pub checks: String,
     /// Hypothesis seed, to replay a run.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -270,7 +274,7 @@ pub fn run(args: &FuzzArgs) -> Result<()> {
             .arg(&r.schema)
             .args(["--base-url", &format!("{api_url}/v1")])
             .args(["-H", &format!("Authorization: Bearer {token}")])
-            .args(["--checks", CHECKS])
+            .args(["--checks", &args.checks])
             .args(["--hypothesis-max-examples", &args.max_examples.to_string()])
             .args(["--request-timeout", "20000", "--workers", "1", "--no-color"])
             .args(["--hypothesis-suppress-health-check", "all"])
