@@ -47,6 +47,9 @@ pub struct AgentConfig {
 /// Default restart policy when a machine's config has none (as Fly's flyd).
 const DEFAULT_MAX_RETRIES: u32 = 10;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a booted machine with services may take to listen before it is published
+/// as started anyway.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
 /// Between unpublishing a machine with services and signalling its app.
 const SERVICE_DRAIN: Duration = Duration::from_millis(500);
@@ -656,6 +659,10 @@ impl Agent {
         m.state = MachineState::Starting;
         extra.stop_requested = false;
         extra.restart_pending = false;
+        // Check results belong to one boot of one version: start from none.
+        if let Ok(mut c) = self.inner.checks.lock() {
+            c.remove(id);
+        }
         self.save(app, &mut m, &extra).await?;
         fault_point("start", 0);
 
@@ -722,6 +729,26 @@ impl Agent {
                     }));
                 }
             };
+            // A machine with services counts as started once its app listens (the guest
+            // reports it), so that the proxy never sends it requests too early.
+            if !m.config.services.is_empty() && !resuming {
+                match channel.wait_ready(READY_TIMEOUT).await {
+                    Ok(_) => {}
+                    Err(aloft_vmm::channel::ChannelError::Timeout { .. }) => {
+                        self.system_log(
+                            id,
+                            "the app did not listen on a service port in time; published anyway",
+                        );
+                    }
+                    Err(e) => {
+                        let tail = vm.console_tail(15);
+                        vm.kill();
+                        return Err(AgentError::Internal(format!(
+                            "machine {id}: the app ended before it listened: {e}\nconsole:\n{tail}"
+                        )));
+                    }
+                }
+            }
             Ok::<_, AgentError>((vm, channel, image))
         }
         .await;

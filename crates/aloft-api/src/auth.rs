@@ -130,7 +130,8 @@ impl From<AuthError> for ApiError {
         match e {
             AuthError::NoOrg(_) | AuthError::NoApp { .. } => ApiError::NotFound(e.to_string()),
             AuthError::BadRole(_) => ApiError::BadRequest(e.to_string()),
-            AuthError::Record { .. } | AuthError::Store(_) => ApiError::Internal(e.to_string()),
+            AuthError::Store(store) => store.into(),
+            AuthError::Record { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

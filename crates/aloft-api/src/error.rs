@@ -94,6 +94,12 @@ impl From<AgentError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::Internal(format!("catalog: {e}"))
+        match e {
+            // Keys are built from ids in the path: an id no key can hold names nothing.
+            StoreError::InvalidKey { key, reason } => {
+                ApiError::NotFound(format!("no such item {key:?} ({reason})"))
+            }
+            other => ApiError::Internal(format!("catalog: {other}")),
+        }
     }
 }

@@ -98,9 +98,14 @@ pub async fn volume_agent(
     app: &str,
     id: &str,
 ) -> Result<Arc<dyn AgentApi>, PlacementError> {
-    let rec: Option<VolumeRecord> = read_record(state.store(), &volume_key(app, id))
-        .await
-        .map_err(|e| PlacementError::Catalog(e.to_string()))?;
+    let rec: Option<VolumeRecord> = match read_record(state.store(), &volume_key(app, id)).await {
+        Ok(r) => r,
+        // An id no catalog key can hold names no volume.
+        Err(crate::auth::AuthError::Store(aloft_store::StoreError::InvalidKey { .. })) => {
+            return Err(PlacementError::NoVolume(id.to_string()));
+        }
+        Err(e) => return Err(PlacementError::Catalog(e.to_string())),
+    };
     if let Some(a) = rec.and_then(|r| state.agent(&r.host)) {
         return Ok(a);
     }

@@ -58,6 +58,7 @@ impl From<SecretsError> for ApiError {
             SecretsError::BadName(_) => ApiError::BadRequest(e.to_string()),
             SecretsError::NotFound { .. } => ApiError::NotFound(e.to_string()),
             SecretsError::Contended(_) => ApiError::Conflict(e.to_string()),
+            SecretsError::Store(store) => store.into(),
             _ => ApiError::Internal(e.to_string()),
         }
     }

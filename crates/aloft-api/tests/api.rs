@@ -819,6 +819,15 @@ async fn bad_input_is_a_named_400_and_unknowns_are_404() {
         .call(Method::POST, "/v1/apps/errs/machines", Some(tok), None)
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Ids no catalog key can hold (found by the API fuzzer) name nothing: 404, not 500.
+    for path in [
+        "/v1/apps/errs/machines/%14",
+        "/v1/apps/errs/volumes/%20x",
+        "/v1/apps/errs/machines/a%0Ab/events",
+    ] {
+        let r = t.call(Method::GET, path, Some(tok), None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}: {}", r.body);
+    }
     // Unknown fields at the request level are ignored, like Fly.
     let r = t
         .create_machine(

@@ -58,6 +58,8 @@ enum Command {
     Secrets(cmd::secrets::SecretsArgs),
     /// Manage the app's volumes.
     Volumes(cmd::volumes::VolumesArgs),
+    /// List the app's releases, or roll back to one.
+    Releases(cmd::releases::ReleasesArgs),
     /// Save or show the API the CLI talks to.
     #[command(subcommand)]
     Auth(cmd::auth::AuthCommand),
@@ -88,6 +90,7 @@ fn main() -> ExitCode {
         Command::Secrets(a) => cmd::secrets::run(a, &data_dir),
         Command::Volumes(a) => cmd::volumes::run(a, &data_dir),
         Command::Auth(c) => cmd::auth::run(c, &data_dir),
+        Command::Releases(a) => cmd::releases::run(a, &data_dir),
     };
     match result {
         Ok(code) => code,

@@ -305,10 +305,18 @@ fn deploy_serve_roll_and_destroy() {
     let (_, body) = get(proxy, "hello.aloft.localhost").unwrap();
     assert!(body.contains("version two"), "{body}");
 
-    // Back to v1.
+    // Back to v1 through the recorded releases.
+    let list = ok(
+        aloft(&data, &app_dir, &["releases", "-a", "hello"]),
+        "releases",
+    );
+    assert!(
+        list.contains("v1") && list.contains("v2") && list.contains("complete"),
+        "{list}"
+    );
     ok(
-        aloft(&data, &app_dir, &["deploy", "--image", "hello:v1"]),
-        "deploy v1 again",
+        aloft(&data, &app_dir, &["releases", "rollback", "-a", "hello"]),
+        "releases rollback",
     );
     let (_, body) = get(proxy, "hello.aloft.localhost").unwrap();
     assert!(body.contains("version one"), "{body}");

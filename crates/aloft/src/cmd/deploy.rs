@@ -85,6 +85,8 @@ struct Report {
     image: String,
     strategy: String,
     release_version: u64,
+    /// The API recorded the release (and can roll back to it).
+    release_recorded: bool,
     release_command: Option<ReleaseCommandReport>,
     groups: Vec<GroupReport>,
     destroyed_stale: Vec<String>,
@@ -187,6 +189,23 @@ pub fn run(mut args: DeployArgs, data_dir: &DataDir) -> Result<ExitCode> {
     if let Err(e) = &result {
         report.error = Some(format!("{e:#}"));
     }
+    if report.release_recorded {
+        let status = if report.ok { "complete" } else { "failed" };
+        let path = format!(
+            "/apps/{}/releases/{}",
+            crate::cmd::client::enc(&app),
+            report.release_version
+        );
+        let _ = block_on(async {
+            api.send(
+                reqwest::Method::PATCH,
+                &path,
+                Some(&serde_json::json!({"status": status})),
+                None,
+            )
+            .await
+        });
+    }
     if json {
         print_json(&report)?;
     }
@@ -249,14 +268,36 @@ async fn deploy(
             ids.join(", ")
         ));
     }
-    let version = live
+    let from_machines = live
         .iter()
         .filter_map(|m| m.config.metadata.get(METADATA_RELEASE_VERSION))
         .filter_map(|v| v.parse::<u64>().ok())
         .max()
         .unwrap_or(0)
         + 1;
+    // The API numbers releases and keeps their configs for `aloft releases rollback`;
+    // an API without releases leaves the numbering to the machines' metadata.
+    let configs: std::collections::BTreeMap<String, MachineConfig> =
+        groups.iter().cloned().collect();
+    let recorded: Option<serde_json::Value> = api
+        .post(
+            &format!("/apps/{}/releases", crate::cmd::client::enc(app)),
+            &serde_json::json!({
+                "image": groups.first().map(|(_, c)| c.image.clone()).unwrap_or_default(),
+                "configs": configs,
+                "strategy": report.strategy,
+                "description": "aloft deploy",
+                "status": "running",
+            }),
+        )
+        .await
+        .ok();
+    let version = recorded
+        .as_ref()
+        .and_then(|r| r.get("version").and_then(|v| v.as_u64()))
+        .unwrap_or(from_machines);
     report.release_version = version;
+    report.release_recorded = recorded.is_some();
     let groups: Vec<(String, MachineConfig)> = groups
         .into_iter()
         .map(|(g, mut mc)| {

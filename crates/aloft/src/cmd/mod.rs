@@ -12,6 +12,7 @@ pub mod launch;
 pub mod logs;
 pub mod machine;
 pub mod proxy;
+pub mod releases;
 pub mod scale;
 pub mod secrets;
 pub mod status;
