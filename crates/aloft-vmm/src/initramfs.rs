@@ -186,7 +186,10 @@ pub(crate) fn write_atomically(path: &Path, data: &[u8]) -> Result<(), Initramfs
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per writer: several machines may build the same cached file at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut f = fs::File::create(&tmp).map_err(err)?;
     f.write_all(data).map_err(err)?;
     f.sync_all().map_err(err)?;
@@ -216,6 +219,32 @@ mod tests {
         assert_eq!(
             listing.lines().collect::<Vec<_>>(),
             ["etc", "etc/hello.txt", "run.json"]
+        );
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::write_atomically;
+
+    #[test]
+    fn concurrent_writers_of_one_file_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.cpio");
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || write_atomically(&path, &[i as u8; 4096]))
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().expect("every writer succeeds");
+        }
+        assert_eq!(std::fs::read(&path).unwrap().len(), 4096);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp files left"
         );
     }
 }
