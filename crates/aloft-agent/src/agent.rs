@@ -85,7 +85,7 @@ pub struct Agent {
     inner: Arc<Inner>,
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -1118,14 +1118,7 @@ impl Agent {
                         MachineState::Stopped
                     };
                     let _ = self.inner.db.put_machine(&app, &m, &extra);
-                    let agent = self.clone();
-                    tokio::spawn(async move {
-                        let lock = agent.lock_for(&id);
-                        let _held = lock.lock().await;
-                        if let Err(e) = agent.boot(&app, &id, "flyd").await {
-                            tracing::warn!(machine = %id, "restarting an interrupted start failed: {e}");
-                        }
-                    });
+                    self.spawn_boot(&app, &id, "restarting an interrupted start");
                 }
                 (Some("update"), None) => {
                     // The old VM is gone and the new config was not recorded: undo the
@@ -1134,14 +1127,7 @@ impl Agent {
                     let mut m = m;
                     m.state = MachineState::Stopped;
                     let _ = self.inner.db.put_machine(&app, &m, &extra);
-                    let agent = self.clone();
-                    tokio::spawn(async move {
-                        let lock = agent.lock_for(&id);
-                        let _held = lock.lock().await;
-                        if let Err(e) = agent.boot(&app, &id, "flyd").await {
-                            tracing::warn!(machine = %id, "rolling back an interrupted update failed: {e}");
-                        }
-                    });
+                    self.spawn_boot(&app, &id, "rolling back an interrupted update");
                 }
                 (Some("suspend"), Some(vm)) => {
                     // The save did not finish: run the VM again as it was.
@@ -1772,7 +1758,7 @@ impl AgentApi for Agent {
         let mut rx = self.inner.changes.subscribe();
         let deadline = tokio::time::Instant::now() + wait.timeout;
         loop {
-            let state = match self.inner.db.get_machine(id).map_err(internal)? {
+            match self.inner.db.get_machine(id).map_err(internal)? {
                 Some((a, m, _)) if a == app => {
                     let version_ok = wait
                         .instance_id
@@ -1785,14 +1771,12 @@ impl AgentApi for Agent {
                     if version_ok && state_ok {
                         return Ok(m.state);
                     }
-                    m.state
                 }
                 _ if wait.states.iter().any(|s| s == "destroyed") => {
                     return Ok(MachineState::Destroyed);
                 }
                 _ => return Err(not_found(id)),
-            };
-            let _ = state;
+            }
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await
                 .is_err()

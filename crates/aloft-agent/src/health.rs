@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use aloft_types::machine::{CheckStatus, MachineCheck};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::agent::{Agent, rfc3339};
+use crate::agent::{Agent, now_ms, rfc3339};
 
 fn dur(s: &Option<String>, default: Duration) -> Duration {
     s.as_deref()
@@ -96,12 +96,6 @@ pub(crate) async fn run(agent: Agent) {
             }
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 async fn probe(

@@ -665,18 +665,7 @@ impl<'a> Walker<'a> {
             }
             (Ty::StrOrList, NodeKind::Str(s)) => Some(Value::Array(vec![Value::String(s.clone())])),
             (Ty::StrOrList, NodeKind::Array(_)) => self.value(node, &STRINGS, path, at),
-            (Ty::List(item), NodeKind::Array(items)) => {
-                let mut out = Vec::new();
-                for (i, it) in items.iter().enumerate() {
-                    let child = format!("{path}[{i}]");
-                    let it_at = it.span.as_ref().map_or(at, |s| s.start);
-                    self.spans.by_path.insert(child.clone(), it_at);
-                    if let Some(v) = self.value(it, item, &child, it_at) {
-                        out.push(v);
-                    }
-                }
-                Some(Value::Array(out))
-            }
+            (Ty::List(item), NodeKind::Array(_)) => self.list_of(node, item, path, at),
             (Ty::Table(fields), _) => self.table(node, fields, path, at),
             (Ty::OneOrMany(fields), NodeKind::Table(_)) => {
                 let v = self.table(node, fields, path, at)?;
