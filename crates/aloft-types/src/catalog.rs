@@ -94,3 +94,100 @@ pub struct VolumeRecord {
     pub host: String,
     pub volume: Volume,
 }
+
+/// `certs/{hostname}` — one certificate (or a request for one) per hostname.
+pub fn cert_key(hostname: &str) -> String {
+    format!("certs/{}", hostname.to_ascii_lowercase())
+}
+
+/// `certs/` — every certificate.
+pub const CERTS_PREFIX: &str = "certs/";
+
+/// `acme/challenges/{token}` — a pending ACME challenge every proxy answers.
+pub fn acme_challenge_key(token: &str) -> String {
+    format!("acme/challenges/{token}")
+}
+
+/// `acme/challenges/` — every pending challenge.
+pub const ACME_CHALLENGES_PREFIX: &str = "acme/challenges/";
+
+/// `acme/account` — the ACME account (one per install and directory).
+pub const ACME_ACCOUNT_KEY: &str = "acme/account";
+
+/// Where a certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertSource {
+    /// Issued by the ACME directory the proxy is configured with.
+    Acme,
+    /// Uploaded by the user (`certificates/custom`).
+    Custom,
+    /// Signed by the install's local CA (dev: `*.aloft.localhost`).
+    Local,
+}
+
+/// Where a certificate is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertStatus {
+    /// Asked for; no proxy has started issuing it.
+    Pending,
+    /// A proxy holds the ACME order and is answering its challenges.
+    Issuing,
+    /// `cert_pem`/`key_pem` are valid and served.
+    Ready,
+    /// The last issuance failed; `error` says why.
+    Failed,
+}
+
+/// A hostname's certificate: the proxy serves `cert_pem`/`key_pem` for SNI `hostname`
+/// (a `*.` hostname matches one label).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertRecord {
+    pub schema: u32,
+    /// Lower-case hostname, possibly `*.example.com`.
+    pub hostname: String,
+    pub app: String,
+    pub source: CertSource,
+    pub status: CertStatus,
+    /// PEM chain, leaf first (empty until issued).
+    #[serde(default)]
+    pub cert_pem: String,
+    /// PEM private key of the leaf (empty until issued).
+    #[serde(default)]
+    pub key_pem: String,
+    /// RFC 3339 expiry of the leaf, when issued.
+    #[serde(default)]
+    pub not_after: Option<String>,
+    /// Why the last issuance failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// The kind of an ACME challenge being answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AcmeChallengeKind {
+    /// `GET /.well-known/acme-challenge/{token}` answers `key_authorization`.
+    Http01,
+    /// A TLS handshake with ALPN `acme-tls/1` and SNI `hostname` gets `cert_pem`/`key_pem`.
+    TlsAlpn01,
+}
+
+/// A challenge every proxy answers while an order is pending.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeChallengeRecord {
+    pub schema: u32,
+    pub hostname: String,
+    pub kind: AcmeChallengeKind,
+    pub token: String,
+    pub key_authorization: String,
+    /// For tls-alpn-01: the self-signed challenge certificate (with the acmeIdentifier
+    /// extension) and its key.
+    #[serde(default)]
+    pub cert_pem: String,
+    #[serde(default)]
+    pub key_pem: String,
+}
