@@ -288,6 +288,9 @@ pub async fn destroy(
         .list(&crate::releases::releases_prefix(&app))
         .await?;
     keys.extend(releases.entries.into_iter().map(|e| e.key));
+    // Its secret keys and IP assignments (releasing the addresses).
+    keys.extend(crate::secretkeys::app_keys(&state, &app).await?);
+    keys.extend(crate::ips::app_keys(&state, &app).await?);
     for e in state.store().list("tokens/").await?.entries {
         if serde_json::from_slice::<TokenRecord>(&e.value)
             .is_ok_and(|t| t.app.as_deref() == Some(app.as_str()))

@@ -84,7 +84,15 @@ pub struct TokenRecord {
     /// Unix seconds after which the token is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// A narrower use than the role allows: [`SCOPE_KMS`] limits the token to using
+    /// its app's secret keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
+
+/// The scope of a KMS token (`POST /tokens/kms`): list and use the app's secret keys
+/// (encrypt, decrypt, sign, verify), nothing else.
+pub const SCOPE_KMS: &str = "kms";
 
 /// Who is calling: the verified token's scope.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +101,8 @@ pub struct Principal {
     pub org: String,
     pub app: Option<String>,
     pub role: Role,
+    /// See [`TokenRecord::scope`].
+    pub scope: Option<String>,
 }
 
 impl Principal {
@@ -208,6 +218,19 @@ pub async fn create_token_expiring(
     role: Role,
     ttl: Option<std::time::Duration>,
 ) -> Result<NewToken, AuthError> {
+    create_token_scoped(state, name, org, app, role, ttl, None).await
+}
+
+/// [`create_token_expiring`] with a [`TokenRecord::scope`].
+pub async fn create_token_scoped(
+    state: &ApiState,
+    name: &str,
+    org: &str,
+    app: Option<&str>,
+    role: Role,
+    ttl: Option<std::time::Duration>,
+    scope: Option<&str>,
+) -> Result<NewToken, AuthError> {
     let store = state.store();
     if read_record::<OrgRecord>(store, &org_key(org))
         .await?
@@ -236,6 +259,7 @@ pub async fn create_token_expiring(
         role,
         created_at: now_rfc3339(),
         expires_at: ttl.map(|t| unix_now().saturating_add(t.as_secs())),
+        scope: scope.map(str::to_string),
     };
     let key = token_key(&id);
     store
@@ -271,6 +295,7 @@ pub async fn verify_token(store: &dyn Store, token: &str) -> Result<Option<Princ
         org: rec.org,
         app: rec.app,
         role: rec.role,
+        scope: rec.scope,
     }))
 }
 
@@ -284,6 +309,10 @@ pub fn bearer(value: &str) -> Option<&str> {
 /// The role a request needs: reads need `readonly`; changes `deploy`; deleting an
 /// app `admin`. (Token introspection is a read even though it is a POST.)
 fn needed_role(method: &Method, segs: &[&str]) -> Role {
+    // Token management (`/tokens`, `DELETE /tokens/{id}`) is for admins.
+    if segs.first() == Some(&"tokens") && (segs.len() == 1 || method == Method::DELETE) {
+        return Role::Admin;
+    }
     if segs.first() == Some(&"tokens") || method == Method::GET || method == Method::HEAD {
         return Role::Readonly;
     }
@@ -313,6 +342,10 @@ async fn check(state: &ApiState, req: &mut Request) -> Result<(), ApiError> {
     if rest == "openapi.json" {
         return Ok(());
     }
+    // OIDC discovery and signing keys are public, as relying parties fetch them.
+    if rest.starts_with("oidc/") && req.method() == Method::GET {
+        return Ok(());
+    }
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -325,6 +358,12 @@ async fn check(state: &ApiState, req: &mut Request) -> Result<(), ApiError> {
         .await?
         .ok_or_else(|| ApiError::Unauthorized("invalid or revoked token".into()))?;
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    if principal.scope.as_deref() == Some(SCOPE_KMS) && !kms_allows(req.method(), &segs) {
+        return Err(ApiError::Forbidden(format!(
+            "a KMS token may only use its app's secret keys, not {} {path}",
+            req.method()
+        )));
+    }
     let needed = needed_role(req.method(), &segs);
     if principal.role < needed {
         return Err(ApiError::Forbidden(format!(
@@ -359,6 +398,18 @@ async fn check(state: &ApiState, req: &mut Request) -> Result<(), ApiError> {
     }
     req.extensions_mut().insert(Arc::new(principal));
     Ok(())
+}
+
+/// What a KMS-scoped token may call: reading its app's secret keys and using them.
+fn kms_allows(method: &Method, segs: &[&str]) -> bool {
+    match segs {
+        ["tokens", "current"] => true,
+        ["apps", _, "secretkeys", ..] if *method == Method::GET => true,
+        ["apps", _, "secretkeys", _, op] if *method == Method::POST => {
+            matches!(*op, "encrypt" | "decrypt" | "sign" | "verify")
+        }
+        _ => false,
+    }
 }
 
 fn percent_decode(s: &str) -> String {

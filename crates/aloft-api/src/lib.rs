@@ -9,12 +9,17 @@
 
 pub mod apps;
 pub mod auth;
+pub mod certificates;
+pub mod console;
 pub mod error;
 pub mod extract;
+pub mod ips;
 pub mod machines;
+pub mod oidc;
 pub mod openapi;
 pub mod placement;
 pub mod releases;
+pub mod secretkeys;
 pub mod secrets;
 pub mod tokens;
 pub mod util;
@@ -46,6 +51,7 @@ struct Inner {
     agents: Vec<Arc<dyn AgentApi>>,
     data_dir: PathBuf,
     secrets_key: tokio::sync::OnceCell<[u8; 32]>,
+    ip_pools: std::sync::OnceLock<ips::IpPools>,
 }
 
 /// Why the API could not start.
@@ -78,6 +84,7 @@ impl ApiState {
                 agents,
                 data_dir: data_dir.into(),
                 secrets_key: tokio::sync::OnceCell::new(),
+                ip_pools: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -101,6 +108,17 @@ impl ApiState {
 
     pub fn data_dir(&self) -> &Path {
         &self.inner.data_dir
+    }
+
+    /// Sets the pools IP assignments come from; refused (returning them) once an
+    /// address was assigned or pools were set before.
+    pub fn set_ip_pools(&self, pools: ips::IpPools) -> Result<(), ips::IpPools> {
+        self.inner.ip_pools.set(pools)
+    }
+
+    /// The IP pools in force ([`ips::IpPools::default`] unless set).
+    pub fn ip_pools(&self) -> &ips::IpPools {
+        self.inner.ip_pools.get_or_init(ips::IpPools::default)
     }
 
     /// The secrets encryption key, loaded (or created) on first use.
@@ -196,6 +214,10 @@ pub fn router(state: ApiState) -> Router {
             post(machines::exec),
         )
         .route(
+            "/apps/{app_name}/machines/{machine_id}/console",
+            get(console::console),
+        )
+        .route(
             "/apps/{app_name}/machines/{machine_id}/metadata",
             get(machines::metadata_show)
                 .put(machines::metadata_replace)
@@ -213,7 +235,15 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/apps/{app_name}/machines/{machine_id}/memory",
-            get(machines::memory),
+            get(machines::memory).put(machines::memory_set),
+        )
+        .route(
+            "/apps/{app_name}/machines/{machine_id}/memory/reclaim",
+            post(machines::memory_reclaim),
+        )
+        .route(
+            "/apps/{app_name}/machines/{machine_id}/ps",
+            get(machines::ps),
         )
         .route("/apps/{app_name}/logs", get(machines::logs))
         .route(
@@ -242,7 +272,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route(
             "/apps/{app_name}/volumes/{volume_id}/snapshots",
-            get(volumes::snapshots),
+            get(volumes::snapshots).post(volumes::snapshot_create),
         )
         .route(
             "/apps/{app_name}/secrets",
@@ -255,11 +285,91 @@ pub fn router(state: ApiState) -> Router {
                 .delete(apps::secret_delete),
         )
         .route("/apps/{app_name}/deploy_token", post(tokens::deploy_token))
+        .route(
+            "/apps/{app_name}/certificates",
+            get(certificates::list),
+        )
+        .route(
+            "/apps/{app_name}/certificates/acme",
+            post(certificates::acme_create),
+        )
+        .route(
+            "/apps/{app_name}/certificates/custom",
+            post(certificates::custom_create),
+        )
+        .route(
+            "/apps/{app_name}/certificates/{hostname}",
+            get(certificates::show).delete(certificates::delete),
+        )
+        .route(
+            "/apps/{app_name}/certificates/{hostname}/acme",
+            axum::routing::delete(certificates::acme_delete),
+        )
+        .route(
+            "/apps/{app_name}/certificates/{hostname}/custom",
+            axum::routing::delete(certificates::custom_delete),
+        )
+        .route(
+            "/apps/{app_name}/certificates/{hostname}/check",
+            post(certificates::check),
+        )
         .route("/platform/regions", get(tokens::regions))
         .route("/orgs/{org_slug}/machines", get(apps::org_machines))
         .route("/tokens/current", get(tokens::current))
         .route("/tokens/authenticate", post(tokens::authenticate))
         .route("/tokens/authorize", post(tokens::authorize))
+        .route("/tokens/kms", post(tokens::kms))
+        .route("/tokens/oidc", post(oidc::token))
+        .route(
+            "/tokens",
+            get(tokens::list_tokens).post(tokens::create_token),
+        )
+        .route(
+            "/tokens/{token_id}",
+            axum::routing::delete(tokens::revoke_token),
+        )
+        .route("/oidc/jwks.json", get(oidc::jwks))
+        .route(
+            "/oidc/{org_slug}/.well-known/openid-configuration",
+            get(oidc::discovery),
+        )
+        .route("/orgs/{org_slug}/volumes", get(volumes::org_list))
+        .route("/platform/placements", post(tokens::placements))
+        .route(
+            "/apps/{app_name}/ip_assignments",
+            get(ips::list).post(ips::create),
+        )
+        .route(
+            "/apps/{app_name}/ip_assignments/{ip}",
+            axum::routing::delete(ips::delete),
+        )
+        .route("/apps/{app_name}/secretkeys", get(secretkeys::list))
+        .route(
+            "/apps/{app_name}/secretkeys/{secret_name}",
+            get(secretkeys::show)
+                .post(secretkeys::set)
+                .delete(secretkeys::delete),
+        )
+        .route(
+            "/apps/{app_name}/secretkeys/{secret_name}/encrypt",
+            post(secretkeys::encrypt_handler),
+        )
+        .route(
+            "/apps/{app_name}/secretkeys/{secret_name}/decrypt",
+            post(secretkeys::decrypt_handler),
+        )
+        .route(
+            "/apps/{app_name}/secretkeys/{secret_name}/generate",
+            post(secretkeys::generate),
+        )
+        .route(
+            "/apps/{app_name}/secretkeys/{secret_name}/sign",
+            post(secretkeys::sign_handler),
+        )
+        .route(
+            "/apps/{app_name}/secretkeys/{secret_name}/verify",
+            post(secretkeys::verify_handler),
+        )
         .route("/openapi.json", get(openapi::document));
     Router::new()
         .nest("/v1", v1)

@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::{apps, error, machines, releases, secrets, tokens, volumes};
+use crate::{apps, certificates, error, ips, machines, oidc, releases, secretkeys, secrets, tokens, volumes};
 
 /// Schemas of the `aloft-types` shapes the API returns, in Fly's JSON form. They
 /// describe the serialised types (checked by the test suite against real responses);
@@ -209,9 +209,19 @@ pub mod doc {
         machines::versions, machines::memory, machines::logs,
         releases::list, releases::create, releases::show, releases::update, releases::rollback,
         volumes::list, volumes::create, volumes::show, volumes::destroy, volumes::extend,
-        volumes::snapshots,
+        volumes::snapshots, volumes::snapshot_create,
+        machines::memory_set, machines::memory_reclaim, machines::ps,
         tokens::current, tokens::authenticate, tokens::authorize, tokens::deploy_token,
         tokens::regions,
+        certificates::list, certificates::acme_create, certificates::custom_create,
+        certificates::show, certificates::delete, certificates::acme_delete,
+        certificates::custom_delete, certificates::check,
+        secretkeys::list, secretkeys::show, secretkeys::set, secretkeys::delete,
+        secretkeys::encrypt_handler, secretkeys::decrypt_handler, secretkeys::generate,
+        secretkeys::sign_handler, secretkeys::verify_handler,
+        ips::list, ips::create, ips::delete,
+        volumes::org_list, tokens::placements, tokens::kms, oidc::token, oidc::jwks,
+        oidc::discovery, tokens::list_tokens, tokens::create_token, tokens::revoke_token,
     ),
     components(schemas(error::ErrorResponse, secrets::AppSecret)),
     modifiers(&BearerAuth),

@@ -79,6 +79,11 @@ const ALOFT_ONLY: &[&str] = &[
     "Releases_show",
     "Releases_update",
     "Releases_rollback",
+    "Tokens_list",
+    "Tokens_create",
+    "Tokens_revoke",
+    "Oidc_jwks",
+    "Oidc_discovery",
 ];
 
 /// Response fields we add to Fly's shapes.
