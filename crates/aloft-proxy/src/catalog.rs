@@ -34,6 +34,7 @@ pub fn spec_from_catalog(
     let mut out = RoutesSpec {
         region_order: region_order.to_vec(),
         apps: Vec::new(),
+        certs: Vec::new(),
     };
     for app in apps {
         let ms = by_app.remove(app.name.as_str()).unwrap_or_default();
@@ -89,6 +90,14 @@ pub fn spec_from_catalog(
                                         port: u16::try_from(p.port?).ok()?,
                                         handlers: p.handlers.clone(),
                                         force_https: p.force_https,
+                                        proxy_proto_options: p.proxy_proto_options.as_ref().map(
+                                            |o| crate::routes::ProxyProtoOptions {
+                                                version: o
+                                                    .get("version")
+                                                    .and_then(|v| v.as_str())
+                                                    .map(str::to_owned),
+                                            },
+                                        ),
                                     })
                                 })
                                 .collect(),
@@ -101,6 +110,8 @@ pub fn spec_from_catalog(
         let first_port = services.first().map(|s| s.internal_port);
         let machine_specs = ms
             .iter()
+            // Cordoned: no new traffic (the machine keeps running, is not autostopped).
+            .filter(|m| !m.machine.cordoned)
             .filter_map(|m| {
                 let address = m
                     .addresses

@@ -14,14 +14,20 @@
 //! (`balance`). Not yet here: TLS/SNI and ACME, raw TCP services, HTTP/2 to machines
 //! (gRPC), autostart/autostop, metrics.
 
+pub mod acme;
 mod balance;
 pub mod body;
 pub mod catalog;
 mod clock;
+pub mod metrics;
+pub mod proxy_proto;
+pub mod reload;
 pub mod routes;
 mod scan;
 pub mod server;
 pub mod static_routes;
+pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use balance::Lease;

@@ -49,6 +49,9 @@ pub struct RoutesSpec {
     pub region_order: Vec<String>,
     #[serde(default)]
     pub apps: Vec<AppSpec>,
+    /// Certificates served by SNI in static mode (`[[certs]] hostname, cert, key`).
+    #[serde(default)]
+    pub certs: Vec<crate::tls::CertSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -87,6 +90,17 @@ pub struct PortSpec {
     pub handlers: Vec<String>,
     #[serde(default)]
     pub force_https: bool,
+    /// With the `proxy_proto` handler: `{ version = "v1" | "v2" }` (default v1).
+    #[serde(default)]
+    pub proxy_proto_options: Option<ProxyProtoOptions>,
+}
+
+/// fly.toml's `[services.ports.proxy_proto_options]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtoOptions {
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
@@ -206,6 +220,8 @@ pub struct PortRoute {
     pub port: u16,
     pub handlers: Vec<String>,
     pub force_https: bool,
+    /// The PROXY protocol header written to the machine (raw TCP ports).
+    pub proxy_proto: Option<crate::proxy_proto::Version>,
 }
 
 #[derive(Debug)]
@@ -228,6 +244,9 @@ pub struct AppRoute {
     pub machine_states: HashMap<String, String>,
     /// The region of every machine id of the app (autostart prefers the proxy's own).
     pub machine_regions: HashMap<String, String>,
+    /// The app's counters, resolved once per table build (the request path only
+    /// touches their atomics).
+    pub metrics: Arc<crate::metrics::AppMetrics>,
 }
 
 impl AppRoute {
@@ -247,6 +266,8 @@ pub struct RouteTable {
     apps: Vec<AppRoute>,
     hosts: HashMap<String, usize>,
     wildcard: Option<usize>,
+    /// What each public port named by a service does with a connection.
+    port_modes: HashMap<u16, crate::tcp::PortMode>,
 }
 
 impl RouteTable {
@@ -407,7 +428,26 @@ impl RouteTable {
                             ));
                         }
                     }
+                    let proxy_proto = match p
+                        .proxy_proto_options
+                        .as_ref()
+                        .and_then(|o| o.version.as_deref())
+                    {
+                        _ if !p.handlers.iter().any(|h| h == "proxy_proto") => None,
+                        None => Some(crate::proxy_proto::Version::V1),
+                        Some(v) => {
+                            Some(crate::proxy_proto::Version::parse(v).ok_or_else(|| {
+                                bad(
+                                    format!("{pkey}.proxy_proto_options.version"),
+                                    format!(
+                                        "unknown PROXY protocol version {v:?} (expected v1 or v2)"
+                                    ),
+                                )
+                            })?)
+                        }
+                    };
                     ports.push(PortRoute {
+                        proxy_proto,
                         port: p.port,
                         handlers: p.handlers.clone(),
                         force_https: p.force_https,
@@ -454,9 +494,19 @@ impl RouteTable {
                 services,
                 machine_states,
                 machine_regions,
+                metrics: crate::metrics::app(&app.name),
             });
         }
+        table.port_modes = crate::tcp::port_modes(&table.apps);
         Ok(table)
+    }
+
+    /// What public port `port` does with a connection (HTTP when no service names it).
+    pub fn port_mode(&self, port: u16) -> crate::tcp::PortMode {
+        self.port_modes
+            .get(&port)
+            .copied()
+            .unwrap_or(crate::tcp::PortMode::Http)
     }
 
     /// The app serving `host` (lower-case, without port): exact name first, then `"*"`.
@@ -524,6 +574,8 @@ pub struct Routes {
     /// Woken on every new table (autostart waits on it).
     pub(crate) changed: tokio::sync::Notify,
     starter: std::sync::OnceLock<Arc<dyn MachineStarter>>,
+    /// Certificates served by SNI on TLS ports (catalog, files, dev CA).
+    certs: Arc<crate::tls::Certs>,
     /// Apps with an autostart in flight, and the last autostart failure per app.
     pub(crate) starting: std::sync::Mutex<HashMap<String, Option<String>>>,
 }
@@ -544,6 +596,7 @@ impl Routes {
             current: ArcSwap::from_pointee(RouteTable::default()),
             changed: tokio::sync::Notify::new(),
             starter: std::sync::OnceLock::new(),
+            certs: Arc::new(crate::tls::Certs::new()),
             starting: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -551,6 +604,11 @@ impl Routes {
     /// Lets the proxy start stopped machines when a request finds none started.
     pub fn set_starter(&self, starter: Arc<dyn MachineStarter>) {
         let _ = self.starter.set(starter);
+    }
+
+    /// The certificates TLS ports serve (fed by `tls::follow_certs` or files).
+    pub fn certs(&self) -> &Arc<crate::tls::Certs> {
+        &self.certs
     }
 
     pub fn starter(&self) -> Option<&Arc<dyn MachineStarter>> {

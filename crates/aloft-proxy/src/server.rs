@@ -27,7 +27,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::balance::{self, Capacity, Choice, Constraints, Lease};
@@ -84,6 +84,14 @@ pub struct ProxyConfig {
     pub failing_for: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     pub drain_timeout: Duration,
+    /// On shutdown, how long an HTTP/1 keep-alive connection may stay open waiting for
+    /// its next request (answered with `Connection: close`) before it is closed while
+    /// idle. Closing an idle connection races with a client sending on it; this grace
+    /// lets busy connections end cleanly after a response instead (hitless reload).
+    pub drain_idle_grace: Duration,
+    /// Pending ACME challenges: `GET /.well-known/acme-challenge/{token}` is answered
+    /// from them before routing (HTTP-01).
+    pub acme_challenges: Option<Arc<crate::acme::Challenges>>,
 }
 
 impl Default for ProxyConfig {
@@ -101,6 +109,8 @@ impl Default for ProxyConfig {
             max_attempts: 3,
             failing_for: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
+            drain_idle_grace: Duration::from_secs(1),
+            acme_challenges: None,
         }
     }
 }
@@ -121,13 +131,15 @@ pub struct ServeReport {
     pub cut_at_drain: usize,
 }
 
-struct Shared {
-    routes: Arc<Routes>,
-    cfg: ProxyConfig,
-    capacity: Arc<Capacity>,
+pub(crate) struct Shared {
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) capacity: Arc<Capacity>,
     region: HeaderValue,
     via: HeaderValue,
     region_suffix: String,
+    /// Set when shutdown begins: HTTP/1 responses then carry `Connection: close`.
+    draining: AtomicBool,
 }
 
 struct ConnCtx {
@@ -139,6 +151,8 @@ struct ConnCtx {
     /// Set by [`ScanStream`] when a request head had Content-Length and
     /// Transfer-Encoding.
     framing_conflict: Arc<AtomicBool>,
+    /// The connection came over TLS (X-Forwarded-Proto https, no force_https).
+    tls: bool,
 }
 
 /// Serve `listeners` with `routes` until `shutdown` completes, then stop accepting,
@@ -151,8 +165,10 @@ pub async fn serve(
 ) -> ServeReport {
     let region = HeaderValue::from_str(routes.region())
         .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+    crate::metrics::register_routes(&routes);
     let shared = Arc::new(Shared {
         region_suffix: format!("-{}", routes.region()),
+        draining: AtomicBool::new(false),
         routes,
         capacity: Arc::new(Capacity::default()),
         region,
@@ -192,11 +208,25 @@ pub async fn serve(
                     _ = stop.changed() => return,
                 };
                 accepted.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::connection_accepted();
                 let _ = stream.set_nodelay(true);
+                // tls / tcp: ports whose services name `tls` or no `http` handler.
+                if !crate::tcp::is_http_port(&shared.routes, l.public_port) {
+                    let (shared, stop, port) = (Arc::clone(&shared), stop.clone(), l.public_port);
+                    tokio::spawn(async move {
+                        crate::tcp::serve_port(stream, peer, port, shared, stop).await;
+                        drop(permit);
+                    });
+                    continue;
+                }
                 let ip = canonical_ip(peer);
                 let framing_conflict = Arc::new(AtomicBool::new(false));
-                let stream = ScanStream::new(stream, Arc::clone(&framing_conflict));
+                let stream = ScanStream::new(
+                    crate::tls::ClientStream::Tcp(stream),
+                    Arc::clone(&framing_conflict),
+                );
                 let ctx = Arc::new(ConnCtx {
+                    tls: false,
                     framing_conflict,
                     shared: Arc::clone(&shared),
                     client_ip: ip,
@@ -217,6 +247,7 @@ pub async fn serve(
     }
 
     shutdown.await;
+    shared.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     for l in loops {
         let _ = l.await;
@@ -240,10 +271,15 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Does the connection start with the HTTP/2 preface? Peeks without consuming,
 /// deciding as soon as the first bytes differ.
-async fn is_h2c(stream: &ScanStream<TcpStream>) -> std::io::Result<bool> {
+async fn is_h2c(stream: &ScanStream<crate::tls::ClientStream>) -> std::io::Result<bool> {
+    // Over TLS, ALPN has decided.
+    let tcp = match stream.get_ref() {
+        crate::tls::ClientStream::Tcp(t) => t,
+        tls => return Ok(tls.alpn_h2() == Some(true)),
+    };
     let mut buf = [0u8; 24];
     loop {
-        let n = stream.get_ref().peek(&mut buf).await?;
+        let n = tcp.peek(&mut buf).await?;
         if n == 0 || buf[..n] != H2_PREFACE[..n] {
             return Ok(false);
         }
@@ -251,7 +287,7 @@ async fn is_h2c(stream: &ScanStream<TcpStream>) -> std::io::Result<bool> {
             return Ok(true);
         }
         // A partial preface: wait for more bytes to arrive.
-        stream.get_ref().readable().await?;
+        tcp.readable().await?;
     }
 }
 
@@ -259,7 +295,7 @@ async fn is_h2c(stream: &ScanStream<TcpStream>) -> std::io::Result<bool> {
 /// preface, HTTP/2 (h2c). On `stop` the connection finishes its in-flight requests
 /// and closes.
 async fn serve_connection<S>(
-    stream: ScanStream<TcpStream>,
+    stream: ScanStream<crate::tls::ClientStream>,
     svc: S,
     cfg: &ProxyConfig,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -307,10 +343,17 @@ async fn serve_connection<S>(
             .serve_connection(io, svc)
             .with_upgrades();
         tokio::pin!(conn);
-        let finished = tokio::select! {
+        let mut finished = tokio::select! {
             r = conn.as_mut() => Some(r),
             _ = stop.wait_for(|s| *s) => None,
         };
+        if finished.is_none() {
+            // Draining: the next response carries `Connection: close`; give a
+            // keep-alive client the grace to send it before closing an idle connection.
+            if let Ok(r) = tokio::time::timeout(cfg.drain_idle_grace, conn.as_mut()).await {
+                finished = Some(r);
+            }
+        }
         match finished {
             Some(r) => r,
             None => {
@@ -322,6 +365,32 @@ async fn serve_connection<S>(
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
+}
+
+/// Serve HTTP on a connection the TLS (or port) layer has taken over: the same
+/// request path as the accept loop's.
+pub(crate) async fn serve_http_on(
+    stream: crate::tls::ClientStream,
+    peer: SocketAddr,
+    public_port: u16,
+    shared: Arc<Shared>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let ip = canonical_ip(peer);
+    let tls = stream.alpn_h2().is_some();
+    let framing_conflict = Arc::new(AtomicBool::new(false));
+    let stream = ScanStream::new(stream, Arc::clone(&framing_conflict));
+    let ctx = Arc::new(ConnCtx {
+        tls,
+        framing_conflict,
+        shared: Arc::clone(&shared),
+        client_ip: ip,
+        client_ip_hv: header_value_of(&ip.to_string()),
+        public_port,
+        port_hv: HeaderValue::from(public_port),
+    });
+    let svc = service_fn(move |req| handle(req, Arc::clone(&ctx)));
+    serve_connection(stream, svc, &shared.cfg, stop).await;
 }
 
 fn canonical_ip(peer: SocketAddr) -> IpAddr {
@@ -366,6 +435,7 @@ async fn handle(
 }
 
 async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+    let started = std::time::Instant::now();
     let upgrade = wants_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
@@ -394,6 +464,13 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
         }
     }
 
+    // acme: HTTP-01 challenges are answered by the proxy itself.
+    if let Some(ch) = &ctx.shared.cfg.acme_challenges
+        && let Some(resp) = crate::acme::http01_answer(ch, &parts.method, parts.uri.path()).await
+    {
+        return resp;
+    }
+
     // route (starting a stopped machine first when none is started: autostart).
     let mut table = ctx.shared.routes.load_full();
     if let Some((app_name, stopped)) = autostart_candidates(&table, &host, ctx.public_port) {
@@ -411,26 +488,39 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
         }
     }
     let Some(app) = table.app_for_host(&host) else {
+        crate::metrics::unrouted();
         return reply(
             StatusCode::NOT_FOUND,
             format!("no app is routed for host {host:?}"),
         );
     };
+    // metrics: the app's in-flight gauge holds until the response head is ready.
+    let _in_flight = app.metrics.start();
+    let method = parts.method.clone();
+    let client_h1 = parts.version != Version::HTTP_2;
     let Some(svc) = app.service_for_port(ctx.public_port) else {
-        return reply(
+        let resp = reply(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 "app {} has no service on port {}",
                 app.name, ctx.public_port
             ),
         );
+        return finish(app, started, None, &method, resp);
     };
-    if svc
-        .ports
-        .iter()
-        .any(|p| p.port == ctx.public_port && p.force_https)
+    if !ctx.tls
+        && svc
+            .ports
+            .iter()
+            .any(|p| p.port == ctx.public_port && p.force_https)
     {
-        return redirect_https(&host, &parts.uri);
+        return finish(
+            app,
+            started,
+            None,
+            &method,
+            redirect_https(&host, &parts.uri),
+        );
     }
 
     // headers.
@@ -464,7 +554,7 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
     // body.
     let body = match read_body_start(body, ctx.shared.cfg.body_read_timeout).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(resp) => return finish(app, started, Some(&request_id), &method, resp),
     };
 
     // dispatch.
@@ -474,8 +564,49 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
     };
     let mut resp = dispatch(parts, body, upgrade, app, svc, constraints, &ctx.shared).await;
     let h = resp.headers_mut();
-    h.insert(FLY_REQUEST_ID.clone(), request_id);
     h.append(header::VIA, ctx.shared.via.clone());
+    if ctx.shared.draining.load(Ordering::Relaxed) && client_h1 {
+        // reload: a draining proxy closes keep-alive connections after a response,
+        // never while a client may be sending on them (HTTP/2 drains with GOAWAY).
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let mut resp = finish(app, started, Some(&request_id), &method, resp);
+    resp.headers_mut().insert(FLY_REQUEST_ID.clone(), request_id);
+    resp
+}
+
+/// metrics and access log: count `resp` for `app` (status class, time to response
+/// head) and attach the request's access log line to it.
+fn finish(
+    app: &AppRoute,
+    started: std::time::Instant,
+    request_id: Option<&HeaderValue>,
+    method: &Method,
+    mut resp: Response<RespBody>,
+) -> Response<RespBody> {
+    let status = resp.status().as_u16();
+    app.metrics.observe(status, started.elapsed());
+    if crate::metrics::AccessLog::enabled() {
+        let mut log = Box::new(crate::metrics::AccessLog {
+            request_id: request_id
+                .cloned()
+                .unwrap_or_else(|| HeaderValue::from_static("-")),
+            app: Arc::clone(&app.name),
+            machine: None,
+            method: method.clone(),
+            status,
+            started,
+            bytes: 0,
+        });
+        match resp.body_mut() {
+            RespBody::Upstream(u) => u.set_access(log),
+            RespBody::Full(d) => {
+                log.bytes = d.as_ref().map_or(0, |d| d.len() as u64);
+                drop(log);
+            }
+        }
+    }
     resp
 }
 
@@ -539,6 +670,7 @@ async fn autostart(
             let mut errors = Vec::new();
             for id in &ids {
                 tracing::info!(app = %app2, machine = %id, "autostart");
+                crate::metrics::app(&app2).autostart();
                 match starter.start_machine(&app2, id).await {
                     Ok(()) => {
                         result = Ok(());
@@ -732,7 +864,8 @@ fn add_forwarding_headers(h: &mut HeaderMap, ctx: &ConnCtx, request_id: &HeaderV
         _ => ctx.client_ip_hv.clone(),
     };
     h.insert(X_FORWARDED_FOR.clone(), xff);
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if ctx.tls { "https" } else { "http" };
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     h.insert(X_FORWARDED_PORT.clone(), ctx.port_hv.clone());
     h.append(header::VIA, ctx.shared.via.clone());
 }
@@ -864,8 +997,12 @@ async fn dispatch(
     let mut last_error = String::new();
     let mut attempts = 0;
     let mut replays = 0;
+    let mut retrying = false;
     while attempts < cfg.max_attempts {
         attempts += 1;
+        if std::mem::take(&mut retrying) {
+            app.metrics.retry();
+        }
         let constraints = Constraints {
             prefer_region: rc.prefer_region.as_deref(),
             force_instance: rc.force_instance.as_deref(),
@@ -889,6 +1026,7 @@ async fn dispatch(
                 balance::mark_failing(&backend, failing_ms);
                 last_error = e.to_string();
                 tried.push(Arc::as_ptr(&backend) as usize);
+                retrying = true;
                 continue;
             }
         };
@@ -1023,6 +1161,7 @@ async fn dispatch(
                     break;
                 }
                 tried.push(Arc::as_ptr(&backend) as usize);
+                retrying = true;
             }
         }
     }
@@ -1098,6 +1237,7 @@ async fn admit(
         Choice::Busy => {}
     }
     if capacity.waiters.load(Ordering::SeqCst) >= cfg.max_queued {
+        app.metrics.queue_rejected();
         return Err(reply(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -1125,6 +1265,7 @@ async fn admit(
             Choice::Busy => {}
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            app.metrics.queue_rejected();
             return Err(reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(

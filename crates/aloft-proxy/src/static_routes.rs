@@ -23,6 +23,12 @@ pub enum RoutesFileError {
         path: PathBuf,
         source: RouteTableError,
     },
+    /// A `[[certs]]` entry whose files cannot be read or used.
+    #[error("routes file {path}: [[certs]]")]
+    Cert {
+        path: PathBuf,
+        source: crate::tls::CertError,
+    },
 }
 
 /// Read and parse a routes file without publishing it.
@@ -37,15 +43,25 @@ pub fn read_routes_file(path: &Path) -> Result<RoutesSpec, RoutesFileError> {
     })
 }
 
-/// Read `path` and publish it in `routes`; on any error the current table stays.
+/// Read `path` and publish it in `routes` (and its `[[certs]]`, paths relative to the
+/// file's directory, in `routes.certs()`); on any error the current table and
+/// certificates stay.
 pub fn load_routes_file(path: &Path, routes: &Routes) -> Result<(), RoutesFileError> {
     let spec = read_routes_file(path)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let certs =
+        crate::tls::load_cert_files(&spec.certs, base).map_err(|source| RoutesFileError::Cert {
+            path: path.to_path_buf(),
+            source,
+        })?;
     routes
         .update(&spec)
         .map_err(|source| RoutesFileError::Invalid {
             path: path.to_path_buf(),
             source,
-        })
+        })?;
+    routes.certs().set_files(certs);
+    Ok(())
 }
 
 #[cfg(test)]
