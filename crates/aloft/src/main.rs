@@ -60,6 +60,9 @@ enum Command {
     Volumes(cmd::volumes::VolumesArgs),
     /// List the app's releases, or roll back to one.
     Releases(cmd::releases::ReleasesArgs),
+    /// Run one VM in the foreground, like `docker run`.
+    #[command(subcommand)]
+    Vm(cmd::vm::VmCommand),
     /// Save or show the API the CLI talks to.
     #[command(subcommand)]
     Auth(cmd::auth::AuthCommand),
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
         Command::Volumes(a) => cmd::volumes::run(a, &data_dir),
         Command::Auth(c) => cmd::auth::run(c, &data_dir),
         Command::Releases(a) => cmd::releases::run(a, &data_dir),
+        Command::Vm(c) => cmd::vm::run(c, &data_dir),
     };
     match result {
         Ok(code) => code,

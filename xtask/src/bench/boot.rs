@@ -14,6 +14,10 @@
 //!   they answered HTTP: floor vs aloft, tb-size default/32/16, balloon, free page
 //!   reporting.
 //!
+//! `ALOFT_BENCH_BOOT_ROUNDS=n` changes the number of rounds (default 5) and
+//! `ALOFT_BENCH_BOOT_QUICK=1` runs only the tb-size 32 machines and skips the memory
+//! part: for trying a change quickly (the recorded figures use the full run).
+//!
 //! HTTP readiness is probed with fresh short connections every 10 ms (several in
 //! flight): a connection opened before the guest listens may wait on slirp's 500 ms
 //! SYN retry, so no single connection is trusted to show the first moment.
@@ -35,6 +39,27 @@ use tokio::sync::watch;
 use crate::util::step;
 
 const ROUNDS: usize = 5;
+
+fn rounds() -> usize {
+    std::env::var("ALOFT_BENCH_BOOT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(ROUNDS)
+}
+
+fn quick() -> bool {
+    std::env::var("ALOFT_BENCH_BOOT_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// The tb-size variants this run boots.
+fn tb_variants() -> Vec<(Option<u32>, &'static str)> {
+    if quick() {
+        TB_VARIANTS[..1].to_vec()
+    } else {
+        TB_VARIANTS.to_vec()
+    }
+}
 /// Any single boot, resume or HTTP wait gives up after this.
 const LIMIT: Duration = Duration::from_secs(60);
 /// The memory figures are taken this long after the machine answered HTTP.
@@ -605,6 +630,12 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         vm.kill();
         bail!("no HTTP 200 through the forward within {LIMIT:?}");
     };
+    if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+        println!(
+            "{}",
+            std::fs::read_to_string(vm.console_log()).unwrap_or_default()
+        );
+    }
     let phases = std::fs::read_to_string(vm.console_log())
         .unwrap_or_default()
         .lines()
@@ -875,11 +906,12 @@ async fn bench(env: &BenchEnv) -> Result<()> {
     end_vm(&r.vm).await;
     drop(r);
 
+    let rounds = rounds();
     step(&format!(
-        "{ROUNDS} interleaved rounds: floor marker, floor httpd, aloft tb-size 32 (+ suspend/resume), default, 16"
+        "{rounds} interleaved rounds: floor marker, floor httpd, aloft tb-size 32 (+ suspend/resume), default, 16"
     ));
     let mut t = Timings::default();
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         let f = floor_boot(env, FloorKind::Marker, None).await?;
         t.push("floor.init_marker", f.marker_ms);
         f.end().await;
@@ -888,7 +920,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         t.push("floor.port_accepting", f.http_ms.unwrap_or_default());
         f.end().await;
         let mut line = format!("    round {round}: floor {:.0} ms", t.0[0].1[round - 1]);
-        for (tb, label) in TB_VARIANTS {
+        for (tb, label) in tb_variants() {
             let m = aloft_machine(env, &root, &format!("r{round}-{label}"), tb).await?;
             let r = aloft_boot(&m).await?;
             t.push(&format!("aloft.{label}.start_returned"), r.start_ms);
@@ -902,7 +934,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 " | {label} init {:.0} ready {:.0} http {:.0}",
                 r.init_ms, r.ready_ms, r.http_ms
             ));
-            if tb == Some(32) && round == 1 {
+            if tb == Some(32) {
                 println!("    aloft-init phases (guest clock): {}", r.phases);
             }
             if tb == Some(32) {
@@ -929,7 +961,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
     report(&t, "floor.init_marker", None, None);
     report(&t, "floor.http.init_marker", None, None);
     report(&t, "floor.port_accepting", None, None);
-    for (_, label) in TB_VARIANTS {
+    for (_, label) in tb_variants() {
         let c = |s: &str| format!("aloft.{label}.{s}");
         report(&t, &c("start_returned"), None, None);
         report(&t, &c("pid1_started"), Some("floor.init_marker"), None);
@@ -963,6 +995,10 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         Some(0.3),
     );
 
+    if quick() {
+        print_json_lines();
+        return Ok(());
+    }
     step("memory: two idle 256 MB machines per configuration, 5 s after HTTP 200");
     let mut mem_lines = Vec::new();
     let floor_configs: [(&str, FloorKind, Option<u32>); 4] = [
@@ -1051,13 +1087,17 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         }
         JSON_LINES.with(|l| l.borrow_mut().push(line.to_string()));
     }
+    print_json_lines();
+    Ok(())
+}
+
+fn print_json_lines() {
     println!();
     JSON_LINES.with(|l| {
         for line in l.borrow().iter() {
             println!("{line}");
         }
     });
-    Ok(())
 }
 
 fn mean_mem(v: &[Mem]) -> Mem {

@@ -16,4 +16,5 @@ pub mod releases;
 pub mod scale;
 pub mod secrets;
 pub mod status;
+pub mod vm;
 pub mod volumes;
