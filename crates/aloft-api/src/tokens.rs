@@ -337,12 +337,19 @@ pub struct CreateTokenRequest {
     pub expiry: Option<String>,
 }
 
-/// The created token: `token` is its only copy.
+/// The created token: `token` is its only copy; the rest as in [`TokenSummary`].
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateTokenResponse {
     pub token: String,
-    #[serde(flatten)]
-    pub summary: TokenSummary,
+    pub id: String,
+    pub name: String,
+    pub org_slug: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    pub role: String,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
 
 fn summary(r: &crate::auth::TokenRecord) -> TokenSummary {
@@ -450,9 +457,18 @@ pub async fn create_token(
         })?;
     Ok((
         axum::http::StatusCode::CREATED,
-        Json(CreateTokenResponse {
-            token: t.token,
-            summary: summary(&t.record),
+        Json({
+            let s = summary(&t.record);
+            CreateTokenResponse {
+                token: t.token,
+                id: s.id,
+                name: s.name,
+                org_slug: s.org_slug,
+                app: s.app,
+                role: s.role,
+                created_at: s.created_at,
+                expires_at: s.expires_at,
+            }
         }),
     ))
 }
