@@ -265,6 +265,7 @@ impl Agent {
     async fn publish(&self, app: &str, m: &Machine, extra: &MachineExtra) {
         let mut shown = m.clone();
         shown.checks = self.check_results(&m.id);
+        shown.cordoned = extra.cordoned;
         let record = MachineRecord {
             schema: catalog::SCHEMA_VERSION,
             app: app.to_string(),
@@ -1491,6 +1492,7 @@ impl AgentApi for Agent {
             checks: vec![],
             host_status: "ok".into(),
             nonce: None,
+            cordoned: false,
         };
         self.machine_volumes(&req.app, &m)?;
         if !req.skip_launch {
@@ -1970,6 +1972,265 @@ impl AgentApi for Agent {
     async fn destroy_volume(&self, app: &str, id: &str) -> Result<Volume, AgentError> {
         crate::volumes::destroy(self, app, id).await
     }
+
+    async fn machine_ps(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<Vec<aloft_types::guest::ProcessStat>, AgentError> {
+        self.load(app, id)?;
+        let ch = self.channel(id).await?;
+        Ok(guest_process_list(&ch, id).await?.0)
+    }
+
+    async fn get_memory(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<crate::api::MachineMemory, AgentError> {
+        let (m, _) = self.load(app, id)?;
+        let Some((vm, ch)) = self.running_vm(id).await else {
+            return Ok(crate::api::MachineMemory {
+                limit_mb: i64::from(guest_memory(&m)),
+                available_mb: 0,
+            });
+        };
+        let actual = vm.balloon_actual().await.map_err(internal)?;
+        let available_kb = match ch {
+            Some(ch) => guest_process_list(&ch, id).await?.1,
+            None => 0,
+        };
+        Ok(crate::api::MachineMemory {
+            limit_mb: (actual >> 20) as i64,
+            available_mb: (available_kb / 1024) as i64,
+        })
+    }
+
+    async fn set_memory_limit(
+        &self,
+        app: &str,
+        id: &str,
+        limit_mb: i64,
+    ) -> Result<crate::api::MachineMemory, AgentError> {
+        let (m, _) = self.load(app, id)?;
+        let boot = i64::from(guest_memory(&m));
+        if !(MIN_BALLOON_MB..=boot).contains(&limit_mb) {
+            return Err(AgentError::Invalid {
+                field: "limit_mb".into(),
+                message: format!(
+                    "{limit_mb} MB is not between {MIN_BALLOON_MB} MB and the machine's {boot} MB"
+                ),
+            });
+        }
+        let (vm, _) = self
+            .running_vm(id)
+            .await
+            .ok_or_else(|| AgentError::Conflict(format!("machine {id} is not running")))?;
+        let target = (limit_mb as u64) << 20;
+        vm.set_balloon(target).await.map_err(internal)?;
+        balloon_settle(vm.as_ref(), target).await?;
+        self.get_memory(app, id).await
+    }
+
+    async fn reclaim_memory(&self, app: &str, id: &str, amount_mb: i64) -> Result<i64, AgentError> {
+        self.load(app, id)?;
+        if amount_mb <= 0 {
+            return Err(AgentError::Invalid {
+                field: "amount_mb".into(),
+                message: format!("{amount_mb} MB: ask for a positive amount"),
+            });
+        }
+        let (vm, _) = self
+            .running_vm(id)
+            .await
+            .ok_or_else(|| AgentError::Conflict(format!("machine {id} is not running")))?;
+        let before = vm.balloon_actual().await.map_err(internal)?;
+        let target = before
+            .saturating_sub((amount_mb as u64) << 20)
+            .max((MIN_BALLOON_MB as u64) << 20);
+        vm.set_balloon(target).await.map_err(internal)?;
+        let inflated = balloon_settle(vm.as_ref(), target).await;
+        // Give the guest its memory back; the pages it gave up stay with the host
+        // until it touches them again.
+        vm.set_balloon(before).await.map_err(internal)?;
+        let after = inflated?;
+        balloon_settle(vm.as_ref(), before).await?;
+        let reclaimed = (before.saturating_sub(after) >> 20) as i64;
+        self.event(
+            id,
+            "memory",
+            "reclaimed",
+            "user",
+            Some(serde_json::json!({"requested_mb": amount_mb, "reclaimed_mb": reclaimed})),
+        );
+        Ok(reclaimed)
+    }
+
+    async fn create_volume_snapshot(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<aloft_types::machine::VolumeSnapshot, AgentError> {
+        crate::volumes::snapshot(self, app, volume_id).await
+    }
+
+    async fn list_volume_snapshots(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<Vec<aloft_types::machine::VolumeSnapshot>, AgentError> {
+        crate::volumes::snapshots(self, app, volume_id).await
+    }
+
+    async fn console(
+        &self,
+        app: &str,
+        id: &str,
+        req: crate::api::ConsoleRequest,
+    ) -> Result<crate::api::ConsoleSession, AgentError> {
+        self.load(app, id)?;
+        if req.command.is_empty() {
+            return Err(AgentError::Invalid {
+                field: "command".into(),
+                message: "empty command".into(),
+            });
+        }
+        let ch = self.channel(id).await?;
+        start_console(&ch, id, req).await
+    }
+}
+
+/// How long a console command may take to start in the guest.
+const CONSOLE_START: Duration = Duration::from_secs(15);
+/// How long a console command may outlive its client after the hang-up.
+const CONSOLE_HANGUP_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts `req` in the guest behind `ch` and pumps it in a task: the client's input to
+/// the exec session, the session's events to the output channel, until the command
+/// exits, the app (and with it the VM) ends, or the client has been gone too long.
+async fn start_console(
+    ch: &GuestChannel,
+    id: &str,
+    req: crate::api::ConsoleRequest,
+) -> Result<crate::api::ConsoleSession, AgentError> {
+    use crate::api::{ConsoleInput, ConsoleOutput, ConsoleSession};
+    use aloft_types::guest::Stream;
+    use aloft_vmm::channel::{ExecEvent, ExecRequest};
+
+    let tty = req.tty;
+    let mut s = ch
+        .start_exec(&ExecRequest {
+            cmd: req.command,
+            env: req.env,
+            stdin: Vec::new(),
+            tty,
+            rows: req.rows,
+            cols: req.cols,
+        })
+        .map_err(internal)?;
+    let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+    let output = |stream: Stream, data: Vec<u8>| match stream {
+        Stream::Stdout => ConsoleOutput::Stdout(data),
+        Stream::Stderr => ConsoleOutput::Stderr(data),
+    };
+    let started = async {
+        loop {
+            match s.next_event().await {
+                Some(ExecEvent::Started { pid }) => return Ok(Some(pid)),
+                Some(ExecEvent::Output { stream, data }) => {
+                    let _ = out_tx.send(output(stream, data));
+                }
+                Some(ExecEvent::Exit {
+                    error: Some(message),
+                    ..
+                }) => {
+                    return Err(AgentError::Invalid {
+                        field: "command".into(),
+                        message,
+                    });
+                }
+                Some(ExecEvent::Exit { code, signal, .. }) => {
+                    let _ = out_tx.send(ConsoleOutput::Exit { code, signal });
+                    return Ok(None);
+                }
+                None => {
+                    return Err(AgentError::Internal(format!(
+                        "machine {id}: the guest channel closed before the console command started"
+                    )));
+                }
+            }
+        }
+    };
+    let pid = match tokio::time::timeout(CONSOLE_START, started).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(AgentError::WaitTimeout {
+                id: id.to_string(),
+                wanted: "running the console command".into(),
+            });
+        }
+    };
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<ConsoleInput>(64);
+    let mut state = ch.state();
+    let machine = id.to_string();
+    if pid.is_some() {
+        tokio::spawn(async move {
+            let mut hangup_deadline: Option<tokio::time::Instant> = None;
+            loop {
+                let hangup = async {
+                    match hangup_deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    ev = s.next_event() => match ev {
+                        Some(ExecEvent::Started { .. }) => {}
+                        Some(ExecEvent::Output { stream, data }) => {
+                            let _ = out_tx.send(output(stream, data));
+                        }
+                        Some(ExecEvent::Exit { code, signal, error }) => {
+                            if let Some(e) = error {
+                                let _ = out_tx.send(ConsoleOutput::Stderr(format!("{e}\n").into_bytes()));
+                            }
+                            let _ = out_tx.send(ConsoleOutput::Exit { code, signal });
+                            break;
+                        }
+                        None => break,
+                    },
+                    input = in_rx.recv(), if hangup_deadline.is_none() => {
+                        let sent = match input {
+                            Some(ConsoleInput::Stdin(data)) => s.stdin(&data, false),
+                            Some(ConsoleInput::Eof) => s.stdin(&[], true),
+                            Some(ConsoleInput::Resize { rows, cols }) => s.resize(rows, cols),
+                            None => {
+                                // The client went away: end stdin, or on a pty type
+                                // ^C ^D as a terminal hang-up would end a shell.
+                                hangup_deadline = Some(tokio::time::Instant::now() + CONSOLE_HANGUP_GRACE);
+                                if tty { s.stdin(b"\x03\x04", false) } else { s.stdin(&[], true) }
+                            }
+                        };
+                        if sent.is_err() {
+                            break;
+                        }
+                    },
+                    _ = hangup => {
+                        tracing::info!(machine = %machine, "console command still running after its client left; no longer following it");
+                        break;
+                    }
+                    _ = state.wait_for(|st| st.exit.is_some()) => {
+                        tracing::info!(machine = %machine, "the machine's app exited during a console session");
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    Ok(ConsoleSession {
+        pid: pid.unwrap_or(0),
+        input: in_tx,
+        output: out_rx,
+    })
 }
 
 impl Agent {
@@ -2073,6 +2334,141 @@ impl Agent {
     }
 }
 
+/// The smallest memory the balloon leaves a guest.
+const MIN_BALLOON_MB: i64 = 64;
+/// How long a guest may take to answer a process list.
+const PS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the balloon may take to reach its target.
+const BALLOON_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the guest for its processes; returns them with its `MemAvailable` (kB).
+async fn guest_process_list(
+    ch: &GuestChannel,
+    id: &str,
+) -> Result<(Vec<aloft_types::guest::ProcessStat>, u64), AgentError> {
+    use tokio::sync::broadcast::error::RecvError;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let request_id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut rx = ch.events();
+    ch.send(guest::HostMessage::ProcessList { request_id })
+        .map_err(internal)?;
+    let answer = async {
+        loop {
+            match rx.recv().await {
+                Ok(guest::GuestMessage::ProcessList {
+                    request_id: r,
+                    processes,
+                    mem_available_kb,
+                    ..
+                }) if r == request_id => return Ok((processes, mem_available_kb)),
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => {
+                    return Err(AgentError::Conflict(format!(
+                        "machine {id}: the guest channel closed"
+                    )));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(PS_TIMEOUT, answer)
+        .await
+        .map_err(|_| AgentError::WaitTimeout {
+            id: id.to_string(),
+            wanted: "answering the process list".into(),
+        })?
+}
+
+/// Waits until the balloon reaches `target` bytes, or stops moving for 2 s (a guest
+/// that cannot give more). Returns where it ended.
+async fn balloon_settle(vm: &dyn Vm, target: u64) -> Result<u64, AgentError> {
+    let deadline = tokio::time::Instant::now() + BALLOON_TIMEOUT;
+    let mut last = vm.balloon_actual().await.map_err(internal)?;
+    let mut moved_at = tokio::time::Instant::now();
+    loop {
+        if last.abs_diff(target) < (1 << 20)
+            || tokio::time::Instant::now() >= deadline
+            || moved_at.elapsed() > Duration::from_secs(2)
+        {
+            return Ok(last);
+        }
+        // QEMU emits no event per balloon step; query it at a short interval.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = vm.balloon_actual().await.map_err(internal)?;
+        if now != last {
+            moved_at = tokio::time::Instant::now();
+            last = now;
+        }
+    }
+}
+
+/// Unix ms of an RFC 3339 UTC time as [`rfc3339`] writes it.
+pub(crate) fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // Days-from-civil (Howard Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 86_400) + h * 3600 + mi * 60 + se) * 1000)
+}
+
+impl Agent {
+    /// The VM and guest channel of a running machine.
+    pub(crate) async fn running_vm(
+        &self,
+        id: &str,
+    ) -> Option<(Arc<dyn Vm>, Option<Arc<GuestChannel>>)> {
+        let rt = self.inner.runtimes.lock().await;
+        rt.get(id).map(|r| (r.vm.clone(), r.channel.clone()))
+    }
+
+    /// The lock every operation on machine `id` holds.
+    pub(crate) fn machine_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        self.lock_for(id)
+    }
+
+    /// Restarts a started machine whose health check kept failing (the check's
+    /// `unhealthy = "restart"`), with an event saying why. Returns whether it did.
+    pub(crate) async fn restart_unhealthy(&self, app: &str, id: &str, why: &str) -> bool {
+        let lock = self.lock_for(id);
+        let _held = lock.lock().await;
+        let Ok((m, mut extra)) = self.load(app, id) else {
+            return false;
+        };
+        if m.state != MachineState::Started || extra.stop_requested {
+            return false;
+        }
+        self.event(
+            id,
+            "restart",
+            "restarting",
+            "flyd",
+            Some(serde_json::json!({"reason": "unhealthy", "detail": why})),
+        );
+        self.system_log(id, &format!("restarting: {why}"));
+        extra.restart_pending = true;
+        if self.inner.db.put_machine(app, &m, &extra).is_err() {
+            return false;
+        }
+        if let Err(e) = self
+            .stop_inner(app, id, StopOptions::default(), "flyd")
+            .await
+        {
+            tracing::warn!(machine = %id, "unhealthy restart: stop failed: {e}");
+            return false;
+        }
+        if let Err(e) = self.boot(app, id, "flyd").await {
+            tracing::warn!(machine = %id, "unhealthy restart: start failed: {e}");
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2082,6 +2478,14 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_700_000_000_000), "2023-11-14T22:13:20Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn rfc3339_parses_back() {
+        for ms in [0, 1_700_000_000_000, 951_782_400_000, 4_102_444_799_000] {
+            assert_eq!(parse_rfc3339_ms(&rfc3339(ms)), Some(ms));
+        }
+        assert_eq!(parse_rfc3339_ms("yesterday"), None);
     }
 
     #[test]

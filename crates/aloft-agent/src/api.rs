@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use aloft_types::machine::{Lease, Machine, MachineConfig, MachineEvent, MachineState, Volume};
+use aloft_types::machine::{
+    Lease, Machine, MachineConfig, MachineEvent, MachineState, Volume, VolumeSnapshot,
+};
 use serde::{Deserialize, Serialize};
 
 /// What went wrong, in categories the API maps to HTTP statuses.
@@ -122,6 +124,69 @@ pub struct CreateVolume {
     pub region: Option<String>,
     #[serde(default)]
     pub snapshot_retention: Option<i64>,
+    /// Restore: the new volume starts as a copy of this snapshot (held by this host).
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+}
+
+/// `GET/PUT .../memory`: Fly's `main.memoryResponse`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineMemory {
+    /// Memory the guest may use now: its boot memory less what the balloon holds.
+    pub limit_mb: i64,
+    /// What the guest reports as available to its apps (`MemAvailable`); 0 when the
+    /// machine is not running.
+    pub available_mb: i64,
+}
+
+/// `GET /apps/{app}/machines/{id}/console` (an Aloft extension): an interactive command.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConsoleRequest {
+    /// argv; the API defaults it to the image's shell (`/bin/sh`).
+    pub command: Vec<String>,
+    /// Extra environment (e.g. the client's `TERM`).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Run on a pseudo-terminal of `rows` x `cols` (stdout and stderr merged).
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub rows: u16,
+    #[serde(default)]
+    pub cols: u16,
+}
+
+/// What the client of a console sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleInput {
+    Stdin(Vec<u8>),
+    /// End of stdin (closes the command's stdin; a no-op on a pty).
+    Eof,
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
+}
+
+/// What a console reports; `Exit` is the last item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+/// A started console command. Dropping `input` means the client went away: the agent
+/// then ends the command's stdin (pipes) or types ^C ^D (pty) as a hang-up.
+/// `output` closing without `Exit` means the guest connection was lost.
+#[derive(Debug)]
+pub struct ConsoleSession {
+    pub pid: i32,
+    pub input: tokio::sync::mpsc::Sender<ConsoleInput>,
+    pub output: tokio::sync::mpsc::UnboundedReceiver<ConsoleOutput>,
 }
 
 /// The operations of one host's agent.
@@ -227,4 +292,46 @@ pub trait AgentApi: Send + Sync {
     async fn get_volume(&self, app: &str, id: &str) -> Result<Volume, AgentError>;
     async fn extend_volume(&self, app: &str, id: &str, size_gb: i64) -> Result<Volume, AgentError>;
     async fn destroy_volume(&self, app: &str, id: &str) -> Result<Volume, AgentError>;
+
+    /// Starts an interactive command (Aloft's `ssh console`); returns once the guest
+    /// has started it (a command that cannot start is `Invalid`).
+    async fn console(
+        &self,
+        app: &str,
+        id: &str,
+        req: ConsoleRequest,
+    ) -> Result<ConsoleSession, AgentError>;
+
+    /// `GET .../ps`: the guest's processes, read by its init from /proc.
+    async fn machine_ps(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<Vec<aloft_types::guest::ProcessStat>, AgentError>;
+    /// `GET .../memory`
+    async fn get_memory(&self, app: &str, id: &str) -> Result<MachineMemory, AgentError>;
+    /// `PUT .../memory`: inflate or deflate the balloon so the running guest keeps
+    /// `limit_mb` (at most its boot memory) until its next boot.
+    async fn set_memory_limit(
+        &self,
+        app: &str,
+        id: &str,
+        limit_mb: i64,
+    ) -> Result<MachineMemory, AgentError>;
+    /// `POST .../memory/reclaim`: inflate the balloon by `amount_mb`, then deflate it
+    /// again; the pages the guest gave up go back to the host. Returns the MB reclaimed.
+    async fn reclaim_memory(&self, app: &str, id: &str, amount_mb: i64) -> Result<i64, AgentError>;
+    /// `POST /apps/{app}/volumes/{id}/snapshots`: a consistent copy of the volume (the
+    /// machine using it is paused for the copy).
+    async fn create_volume_snapshot(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<VolumeSnapshot, AgentError>;
+    /// `GET /apps/{app}/volumes/{id}/snapshots`, newest last.
+    async fn list_volume_snapshots(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<Vec<VolumeSnapshot>, AgentError>;
 }

@@ -56,6 +56,8 @@ enum Command {
     Scale(cmd::scale::ScaleArgs),
     /// Manage the app's secrets.
     Secrets(cmd::secrets::SecretsArgs),
+    /// Open a shell or run a command in one of the app's machines.
+    Ssh(cmd::ssh::SshArgs),
     /// Manage the app's volumes.
     Volumes(cmd::volumes::VolumesArgs),
     /// List the app's releases, or roll back to one.
@@ -66,6 +68,8 @@ enum Command {
     /// Save or show the API the CLI talks to.
     #[command(subcommand)]
     Auth(cmd::auth::AuthCommand),
+    /// Create, list and revoke API tokens of the organisation.
+    Tokens(cmd::tokens::TokensArgs),
 }
 
 fn main() -> ExitCode {
@@ -91,8 +95,10 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::status::run(a, &data_dir),
         Command::Scale(a) => cmd::scale::run(a, &data_dir),
         Command::Secrets(a) => cmd::secrets::run(a, &data_dir),
+        Command::Ssh(a) => cmd::ssh::run(a, &data_dir),
         Command::Volumes(a) => cmd::volumes::run(a, &data_dir),
         Command::Auth(c) => cmd::auth::run(c, &data_dir),
+        Command::Tokens(a) => cmd::tokens::run(a, &data_dir),
         Command::Releases(a) => cmd::releases::run(a, &data_dir),
         Command::Vm(c) => cmd::vm::run(c, &data_dir),
     };

@@ -232,6 +232,7 @@ impl AgentApi for FakeAgent {
             checks: Vec::new(),
             host_status: "ok".into(),
             nonce: None,
+            cordoned: false,
         };
         let key = (req.app.clone(), id.clone());
         let mut g = self.inner.lock().await;
@@ -620,6 +621,123 @@ impl AgentApi for FakeAgent {
             .ok_or_else(|| nf("volume", id))?;
         v.state = "destroyed".into();
         Ok(v)
+    }
+
+    /// A tiny shell: `/bin/sh -c 'A; B'` runs `echo WORDS`, `cat` (stdin to stdout
+    /// until EOF), `size` (the window size) and `exit N`; no `-c` means `cat`.
+    async fn console(
+        &self,
+        app: &str,
+        id: &str,
+        req: aloft_agent::api::ConsoleRequest,
+    ) -> Result<aloft_agent::api::ConsoleSession, AgentError> {
+        use aloft_agent::api::{ConsoleInput, ConsoleOutput, ConsoleSession};
+        let m = self.machine(app, id).await?;
+        if m.state != MachineState::Started {
+            return Err(AgentError::Conflict(format!("machine {id} is not started")));
+        }
+        let script = match req.command.as_slice() {
+            [sh, c, script] if sh == "/bin/sh" && c == "-c" => script.clone(),
+            [sh] if sh == "/bin/sh" => "cat".to_string(),
+            other => {
+                return Err(AgentError::Invalid {
+                    field: "command".into(),
+                    message: format!("{other:?}: executable file not found"),
+                });
+            }
+        };
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel(16);
+        let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut rows, mut cols) = (req.rows, req.cols);
+        tokio::spawn(async move {
+            let mut code = 0;
+            for step in script.split(';').map(str::trim) {
+                if let Some(words) = step.strip_prefix("echo ") {
+                    let _ = out_tx.send(ConsoleOutput::Stdout(format!("{words}\n").into_bytes()));
+                } else if let Some(n) = step.strip_prefix("exit ") {
+                    code = n.parse().unwrap_or(2);
+                    break;
+                } else if step == "size" {
+                    let _ = out_tx.send(ConsoleOutput::Stdout(format!("{rows} {cols}\n").into_bytes()));
+                } else if step == "cat" {
+                    while let Some(input) = in_rx.recv().await {
+                        match input {
+                            ConsoleInput::Stdin(d) => {
+                                let _ = out_tx.send(ConsoleOutput::Stdout(d));
+                            }
+                            ConsoleInput::Resize { rows: r, cols: c } => (rows, cols) = (r, c),
+                            ConsoleInput::Eof => break,
+                        }
+                    }
+                }
+            }
+            let _ = out_tx.send(ConsoleOutput::Exit {
+                code: Some(code),
+                signal: None,
+            });
+        });
+        Ok(ConsoleSession {
+            pid: 1,
+            input: in_tx,
+            output: out_rx,
+        })
+    }
+
+    // The CLI tests drive none of these: this double runs no guest, so it says so.
+    async fn machine_ps(
+        &self,
+        _: &str,
+        id: &str,
+    ) -> Result<Vec<aloft_types::guest::ProcessStat>, AgentError> {
+        Err(AgentError::Conflict(format!(
+            "machine {id}: the CLI test agent runs no guest"
+        )))
+    }
+
+    async fn get_memory(
+        &self,
+        _: &str,
+        id: &str,
+    ) -> Result<aloft_agent::MachineMemory, AgentError> {
+        Err(AgentError::Conflict(format!(
+            "machine {id}: the CLI test agent runs no guest"
+        )))
+    }
+
+    async fn set_memory_limit(
+        &self,
+        _: &str,
+        id: &str,
+        _: i64,
+    ) -> Result<aloft_agent::MachineMemory, AgentError> {
+        Err(AgentError::Conflict(format!(
+            "machine {id}: the CLI test agent runs no guest"
+        )))
+    }
+
+    async fn reclaim_memory(&self, _: &str, id: &str, _: i64) -> Result<i64, AgentError> {
+        Err(AgentError::Conflict(format!(
+            "machine {id}: the CLI test agent runs no guest"
+        )))
+    }
+
+    async fn create_volume_snapshot(
+        &self,
+        _: &str,
+        volume_id: &str,
+    ) -> Result<aloft_types::machine::VolumeSnapshot, AgentError> {
+        Err(AgentError::Conflict(format!(
+            "volume {volume_id}: the CLI test agent keeps no volume files"
+        )))
+    }
+
+    async fn list_volume_snapshots(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<Vec<aloft_types::machine::VolumeSnapshot>, AgentError> {
+        self.get_volume(app, volume_id).await?;
+        Ok(Vec::new())
     }
 }
 

@@ -21,6 +21,26 @@ struct Inner {
     cordoned: HashMap<String, bool>,
     volumes: HashMap<(String, String), Volume>,
     signals: Vec<(String, String)>,
+    snapshots: HashMap<String, Vec<aloft_types::machine::VolumeSnapshot>>,
+    memory_limits: HashMap<String, i64>,
+}
+
+/// The boot memory of a fake machine.
+fn boot_mb(m: &Machine) -> i64 {
+    m.config
+        .guest
+        .as_ref()
+        .map_or(256, |g| if g.memory_mb > 0 { g.memory_mb } else { 256 })
+}
+
+fn require_started(m: &Machine) -> Result<(), AgentError> {
+    if m.state != MachineState::Started {
+        return Err(AgentError::Conflict(format!(
+            "machine {} is not running",
+            m.id
+        )));
+    }
+    Ok(())
 }
 
 pub struct FakeAgent {
@@ -206,6 +226,7 @@ impl AgentApi for FakeAgent {
             checks: vec![],
             host_status: "ok".into(),
             nonce: None,
+            cordoned: false,
         };
         let mut g = self.inner.lock().await;
         if let Some(ttl) = req.lease_ttl {
@@ -536,6 +557,19 @@ impl AgentApi for FakeAgent {
     }
 
     async fn create_volume(&self, req: CreateVolume) -> Result<Volume, AgentError> {
+        if let Some(snap) = &req.snapshot_id {
+            let g = self.inner.lock().await;
+            let found = g.snapshots.values().flatten().find(|s| &s.id == snap);
+            let Some(found) = found else {
+                return Err(nf("snapshot", snap));
+            };
+            if req.size_gb << 30 < found.volume_size {
+                return Err(AgentError::Invalid {
+                    field: "size_gb".into(),
+                    message: "smaller than the snapshot".into(),
+                });
+            }
+        }
         let v = Volume {
             id: format!("vol_{}", rand_id()),
             name: req.name,
@@ -593,14 +627,170 @@ impl AgentApi for FakeAgent {
     }
 
     async fn destroy_volume(&self, app: &str, id: &str) -> Result<Volume, AgentError> {
-        let mut v = self
-            .inner
-            .lock()
-            .await
+        let mut g = self.inner.lock().await;
+        let mut v = g
             .volumes
             .remove(&(app.to_string(), id.to_string()))
             .ok_or_else(|| nf("volume", id))?;
+        g.snapshots.remove(id);
+        drop(g);
         v.state = "destroyed".into();
         Ok(v)
+    }
+
+    /// Says what it was asked to run, echoes stdin to stdout, reports resizes, and
+    /// exits with code 0 at end of stdin.
+    async fn console(
+        &self,
+        app: &str,
+        id: &str,
+        req: aloft_agent::api::ConsoleRequest,
+    ) -> Result<aloft_agent::api::ConsoleSession, AgentError> {
+        use aloft_agent::api::{ConsoleInput, ConsoleOutput, ConsoleSession};
+        self.machine(app, id).await?;
+        let (in_tx, mut in_rx) = tokio::sync::mpsc::channel(16);
+        let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let hello = format!(
+            "{} tty={} {}x{}\n",
+            req.command.join(" "),
+            req.tty,
+            req.rows,
+            req.cols
+        );
+        let _ = out_tx.send(ConsoleOutput::Stdout(hello.into_bytes()));
+        tokio::spawn(async move {
+            while let Some(input) = in_rx.recv().await {
+                let out = match input {
+                    ConsoleInput::Stdin(d) => ConsoleOutput::Stdout(d),
+                    ConsoleInput::Resize { rows, cols } => {
+                        ConsoleOutput::Stderr(format!("resize {rows}x{cols}\n").into_bytes())
+                    }
+                    ConsoleInput::Eof => break,
+                };
+                let _ = out_tx.send(out);
+            }
+            let _ = out_tx.send(ConsoleOutput::Exit {
+                code: Some(0),
+                signal: None,
+            });
+        });
+        Ok(ConsoleSession {
+            pid: 1,
+            input: in_tx,
+            output: out_rx,
+        })
+    }
+
+    /// init and the app, as a guest would list them.
+    async fn machine_ps(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<Vec<aloft_types::guest::ProcessStat>, AgentError> {
+        let m = self.machine(app, id).await?;
+        require_started(&m)?;
+        let app_cmd = m.config.init.cmd.clone().unwrap_or_default().join(" ");
+        let p = |pid: i32, command: String, rss: u64| aloft_types::guest::ProcessStat {
+            pid,
+            command,
+            cpu: 10 * pid as u64,
+            rss,
+            rtime: 1000,
+            stime: pid as u64,
+            directory: "/".into(),
+            listen_sockets: Vec::new(),
+        };
+        Ok(vec![p(1, "/init".into(), 1 << 20), p(42, app_cmd, 8 << 20)])
+    }
+
+    async fn get_memory(
+        &self,
+        app: &str,
+        id: &str,
+    ) -> Result<aloft_agent::MachineMemory, AgentError> {
+        let m = self.machine(app, id).await?;
+        let limit = self
+            .inner
+            .lock()
+            .await
+            .memory_limits
+            .get(id)
+            .copied()
+            .unwrap_or_else(|| boot_mb(&m));
+        let started = m.state == MachineState::Started;
+        Ok(aloft_agent::MachineMemory {
+            limit_mb: limit,
+            available_mb: if started { limit / 2 } else { 0 },
+        })
+    }
+
+    async fn set_memory_limit(
+        &self,
+        app: &str,
+        id: &str,
+        limit_mb: i64,
+    ) -> Result<aloft_agent::MachineMemory, AgentError> {
+        let m = self.machine(app, id).await?;
+        if !(64..=boot_mb(&m)).contains(&limit_mb) {
+            return Err(AgentError::Invalid {
+                field: "limit_mb".into(),
+                message: format!("{limit_mb} MB is out of range"),
+            });
+        }
+        require_started(&m)?;
+        self.inner
+            .lock()
+            .await
+            .memory_limits
+            .insert(id.to_string(), limit_mb);
+        self.get_memory(app, id).await
+    }
+
+    async fn reclaim_memory(&self, app: &str, id: &str, amount_mb: i64) -> Result<i64, AgentError> {
+        let m = self.machine(app, id).await?;
+        require_started(&m)?;
+        let limit = self.get_memory(app, id).await?.limit_mb;
+        Ok(amount_mb.min(limit - 64).max(0))
+    }
+
+    async fn create_volume_snapshot(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<aloft_types::machine::VolumeSnapshot, AgentError> {
+        let v = self.get_volume(app, volume_id).await?;
+        let snap = aloft_types::machine::VolumeSnapshot {
+            id: format!("vs_{}", rand_id()),
+            created_at: aloft_api::util::now_rfc3339(),
+            status: "created".into(),
+            size: 4096,
+            volume_size: v.size_gb << 30,
+            digest: String::new(),
+            retention_days: v.snapshot_retention,
+        };
+        self.inner
+            .lock()
+            .await
+            .snapshots
+            .entry(volume_id.to_string())
+            .or_default()
+            .push(snap.clone());
+        Ok(snap)
+    }
+
+    async fn list_volume_snapshots(
+        &self,
+        app: &str,
+        volume_id: &str,
+    ) -> Result<Vec<aloft_types::machine::VolumeSnapshot>, AgentError> {
+        self.get_volume(app, volume_id).await?;
+        Ok(self
+            .inner
+            .lock()
+            .await
+            .snapshots
+            .get(volume_id)
+            .cloned()
+            .unwrap_or_default())
     }
 }

@@ -242,6 +242,16 @@ impl Api {
         &self.base
     }
 
+    /// The bearer token (empty when none is configured).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Where the endpoint came from, for messages.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The same client, sending a machine lease's nonce with every request.
     pub fn with_lease(&self, nonce: &str) -> Api {
         Api {

@@ -15,6 +15,8 @@ pub mod proxy;
 pub mod releases;
 pub mod scale;
 pub mod secrets;
+pub mod ssh;
 pub mod status;
+pub mod tokens;
 pub mod vm;
 pub mod volumes;

@@ -1,4 +1,5 @@
-//! `aloft scale count N [--region a,b] [--process-group G]` and `aloft scale memory MB`.
+//! `aloft scale count N [--region a,b] [--process-group G]`, `aloft scale memory MB` and
+//! `aloft scale vm SIZE [--vm-memory MB]` (Fly's size presets: shared-cpu-1x, …).
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -6,7 +7,7 @@ use std::time::Duration;
 
 use aloft_types::appconfig;
 use aloft_types::datadir::DataDir;
-use aloft_types::machine::{Machine, MachineGuest, MachineState};
+use aloft_types::machine::{GUEST_PRESETS, Machine, MachineGuest, MachineState};
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -49,6 +50,88 @@ pub enum ScaleCommand {
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         wait_timeout: Duration,
     },
+    /// Set the VM size (CPU kind, CPUs and memory) of every machine (of one group
+    /// with --process-group): shared-cpu-1x/2x/4x/8x, performance-1x/2x/4x/8x/16x.
+    Vm {
+        size: String,
+        /// Memory in MB instead of the size's default.
+        #[arg(long = "vm-memory", value_name = "MB")]
+        memory: Option<i64>,
+        #[arg(long = "process-group")]
+        group: Option<String>,
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        wait_timeout: Duration,
+    },
+}
+
+/// The guest of `size` with `memory` (MB) instead of its default, checked against
+/// Fly's limits: 256 MB to 2 GB per shared CPU, 2 to 8 GB per performance CPU, in
+/// steps of 256 MB.
+pub fn vm_guest(size: &str, memory: Option<i64>) -> Result<MachineGuest> {
+    let Some(mut g) = MachineGuest::from_size(size) else {
+        let names: Vec<&str> = GUEST_PRESETS
+            .iter()
+            .filter(|p| p.gpus == 0)
+            .map(|p| p.name)
+            .collect();
+        bail!("unknown VM size {size:?}; sizes: {}", names.join(", "));
+    };
+    if g.gpus > 0 {
+        bail!("VM size {size} needs a GPU, which Aloft machines do not have");
+    }
+    if let Some(mb) = memory {
+        let (min, max) = if g.cpu_kind == "performance" {
+            (2048 * g.cpus, 8192 * g.cpus)
+        } else {
+            (256, 2048 * g.cpus)
+        };
+        if mb % 256 != 0 || mb < min || mb > max {
+            bail!(
+                "--vm-memory {mb} does not fit {size}: want a multiple of 256 from {min} to {max} MB"
+            );
+        }
+        g.memory_mb = mb;
+    }
+    Ok(g)
+}
+
+/// Applies `change` to the guest of every live machine (of `group`), one machine at a
+/// time, waiting for each running one to be healthy again. Returns the ids updated.
+async fn update_guests(
+    api: &Api,
+    app: &str,
+    group: Option<&str>,
+    wait_timeout: Duration,
+    progress: &Progress,
+    what: &str,
+    change: impl Fn(&mut MachineGuest),
+) -> Result<Vec<String>> {
+    let machines: Vec<Machine> = api
+        .list_machines(app)
+        .await?
+        .into_iter()
+        .filter(|m| live(m) && group.is_none_or(|g| machine_group(m) == g))
+        .collect();
+    let mut updated = Vec::new();
+    for m in &machines {
+        let mut cfg = m.config.clone();
+        let g = cfg.guest.get_or_insert_with(|| MachineGuest {
+            cpu_kind: "shared".into(),
+            cpus: 1,
+            ..Default::default()
+        });
+        change(g);
+        progress.step(format!("setting machine {} to {what}", m.id));
+        let running = m.state == MachineState::Started;
+        let u = api
+            .update_machine(app, &m.id, &cfg, Some(&m.instance_id), !running)
+            .await?;
+        if running {
+            wait_healthy(api, app, &u, wait_timeout, progress).await?;
+        }
+        updated.push(m.id.clone());
+    }
+    Ok(updated)
 }
 
 /// Spreads `total` over `regions` in order: 3 over [a, b] is a=2, b=1.
@@ -195,36 +278,60 @@ pub fn run(args: ScaleArgs, data_dir: &DataDir) -> Result<ExitCode> {
                 if mb < 128 {
                     bail!("memory must be at least 128 MB, got {mb}");
                 }
-                let machines: Vec<Machine> = api
-                    .list_machines(&app)
-                    .await?
-                    .into_iter()
-                    .filter(|m| live(m) && group.as_ref().is_none_or(|g| machine_group(m) == *g))
-                    .collect();
-                let mut updated = Vec::new();
-                for m in &machines {
-                    let mut cfg = m.config.clone();
-                    let g = cfg.guest.get_or_insert_with(|| MachineGuest {
-                        cpu_kind: "shared".into(),
-                        cpus: 1,
-                        ..Default::default()
-                    });
-                    g.memory_mb = mb;
-                    progress.step(format!("setting machine {} to {mb} MB", m.id));
-                    let running = m.state == MachineState::Started;
-                    let u = api
-                        .update_machine(&app, &m.id, &cfg, Some(&m.instance_id), !running)
-                        .await?;
-                    if running {
-                        wait_healthy(&api, &app, &u, wait_timeout, &progress).await?;
-                    }
-                    updated.push(m.id.clone());
-                }
+                let updated = update_guests(
+                    &api,
+                    &app,
+                    group.as_deref(),
+                    wait_timeout,
+                    &progress,
+                    &format!("{mb} MB"),
+                    |g| g.memory_mb = mb,
+                )
+                .await?;
                 progress.finish();
                 if json {
                     print_json(&json!({ "app": app, "memory_mb": mb, "updated": updated }))?;
                 } else {
                     println!("set {} machine(s) of app {app} to {mb} MB", updated.len());
+                }
+            }
+            ScaleCommand::Vm {
+                size,
+                memory,
+                group,
+                wait_timeout,
+            } => {
+                let guest = vm_guest(&size, memory)?;
+                let what = format!(
+                    "{size} ({} {} CPU, {} MB)",
+                    guest.cpus, guest.cpu_kind, guest.memory_mb
+                );
+                let updated = update_guests(
+                    &api,
+                    &app,
+                    group.as_deref(),
+                    wait_timeout,
+                    &progress,
+                    &what,
+                    |g| {
+                        g.cpu_kind = guest.cpu_kind.clone();
+                        g.cpus = guest.cpus;
+                        g.memory_mb = guest.memory_mb;
+                    },
+                )
+                .await?;
+                progress.finish();
+                if json {
+                    print_json(&json!({
+                        "app": app,
+                        "size": size,
+                        "cpu_kind": guest.cpu_kind,
+                        "cpus": guest.cpus,
+                        "memory_mb": guest.memory_mb,
+                        "updated": updated,
+                    }))?;
+                } else {
+                    println!("set {} machine(s) of app {app} to {what}", updated.len());
                 }
             }
         }
@@ -244,5 +351,25 @@ mod tests {
         let s = spread(0, &rs);
         assert_eq!((s["ams"], s["syd"]), (0, 0));
         assert!(spread(2, &[]).is_empty());
+    }
+
+    #[test]
+    fn vm_sizes_and_memory_limits() {
+        let g = vm_guest("shared-cpu-2x", None).unwrap();
+        assert_eq!(
+            (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+            ("shared", 2, 512)
+        );
+        let g = vm_guest("performance-1x", Some(4096)).unwrap();
+        assert_eq!(
+            (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+            ("performance", 1, 4096)
+        );
+        assert!(vm_guest("shared-cpu-1x", Some(4096)).is_err());
+        assert!(vm_guest("shared-cpu-1x", Some(300)).is_err());
+        assert!(vm_guest("performance-2x", Some(2048)).is_err());
+        assert!(vm_guest("a100-40gb", None).is_err());
+        let e = vm_guest("huge", None).unwrap_err().to_string();
+        assert!(e.contains("shared-cpu-1x") && !e.contains("a100"), "{e}");
     }
 }

@@ -1,0 +1,217 @@
+//! `GET /v1/apps/{app}/machines/{id}/console` — an Aloft extension behind
+//! `aloft ssh console`: an interactive command in a machine, over a WebSocket.
+//!
+//! Query: `cmd` (a command line, run as `/bin/sh -c CMD`; absent: `/bin/sh`), `tty`
+//! (`true` for a pseudo-terminal), `rows` and `cols` (its first size), `term` (the
+//! guest's `TERM`). A deploy-role token for the app is required. The command is
+//! started before the upgrade, so a bad machine, a stopped one or a command that
+//! cannot start is an ordinary JSON error response.
+//!
+//! Frames, after the upgrade:
+//! - binary, first byte the stream, the rest its bytes: `0` stdin (client to server),
+//!   `1` stdout and `2` stderr (server to client; with a pty everything is stdout);
+//! - text, one JSON object: client to server `{"type":"resize","rows":R,"cols":C}` and
+//!   `{"type":"eof"}` (closes the command's stdin); server to client, last,
+//!   `{"type":"exit","code":N|null,"signal":N|null}`, then a close frame. A close
+//!   without `exit` means the machine's channel was lost.
+//!
+//! The client closing the socket ends the command: its stdin is closed, or on a pty
+//! `^C ^D` is typed, as a terminal hang-up would end a shell.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use aloft_agent::api::{ConsoleInput, ConsoleOutput, ConsoleRequest, ConsoleSession};
+use axum::Extension;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Principal, Role};
+use crate::machines::machine_agent;
+use crate::{ApiError, ApiState};
+
+/// Stream byte of a stdin frame.
+pub const STDIN: u8 = 0;
+/// Stream byte of a stdout frame.
+pub const STDOUT: u8 = 1;
+/// Stream byte of a stderr frame.
+pub const STDERR: u8 = 2;
+/// The shell run without `cmd`, and the interpreter of `cmd`.
+pub const SHELL: &str = "/bin/sh";
+
+/// The query of the console route.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ConsoleQuery {
+    #[serde(default)]
+    pub cmd: Option<String>,
+    #[serde(default)]
+    pub tty: bool,
+    #[serde(default)]
+    pub rows: Option<u16>,
+    #[serde(default)]
+    pub cols: Option<u16>,
+    #[serde(default)]
+    pub term: Option<String>,
+}
+
+/// A text frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Control {
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
+    Eof,
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+impl ConsoleQuery {
+    /// The agent's request: argv, environment and terminal.
+    pub fn request(&self) -> ConsoleRequest {
+        let command = match self.cmd.as_deref().filter(|c| !c.trim().is_empty()) {
+            Some(c) => vec![SHELL.to_string(), "-c".into(), c.to_string()],
+            None => vec![SHELL.to_string()],
+        };
+        let mut env = BTreeMap::new();
+        if self.tty {
+            let term = self.term.as_deref().filter(|t| !t.is_empty());
+            env.insert("TERM".into(), term.unwrap_or("xterm").to_string());
+        }
+        ConsoleRequest {
+            command,
+            env,
+            tty: self.tty,
+            rows: self.rows.filter(|r| *r > 0).unwrap_or(24),
+            cols: self.cols.filter(|c| *c > 0).unwrap_or(80),
+        }
+    }
+}
+
+/// The handler: checks the role, starts the command, then upgrades.
+pub async fn console(
+    State(state): State<ApiState>,
+    Path((app, id)): Path<(String, String)>,
+    principal: Option<Extension<Arc<Principal>>>,
+    Query(q): Query<ConsoleQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let role = principal.map(|Extension(p)| p.role);
+    if role.is_none_or(|r| r < Role::Deploy) {
+        return Err(ApiError::Forbidden(format!(
+            "token role {role:?} may not open a console on app {app:?} (needs Deploy)"
+        )));
+    }
+    let agent = machine_agent(&state, &app, &id).await?;
+    let session = agent.console(&app, &id, q.request()).await?;
+    tracing::info!(app = %app, machine = %id, pid = session.pid, tty = q.tty, "console opened");
+    Ok(ws.on_upgrade(move |socket| pump(socket, session)))
+}
+
+/// Moves frames between the socket and the session until the command exits or the
+/// client goes away.
+async fn pump(mut socket: WebSocket, session: ConsoleSession) {
+    let ConsoleSession {
+        input, mut output, ..
+    } = session;
+    let mut input = Some(input);
+    loop {
+        tokio::select! {
+            out = output.recv() => {
+                let msg = match out {
+                    Some(ConsoleOutput::Stdout(d)) => frame(STDOUT, &d),
+                    Some(ConsoleOutput::Stderr(d)) => frame(STDERR, &d),
+                    Some(ConsoleOutput::Exit { code, signal }) => {
+                        let text = serde_json::to_string(&Control::Exit { code, signal })
+                            .unwrap_or_default();
+                        let _ = socket.send(Message::Text(text.into())).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                    None => {
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                };
+                if socket.send(msg).await.is_err() {
+                    return;
+                }
+            }
+            msg = socket.recv() => {
+                let item = match msg {
+                    Some(Ok(Message::Binary(b))) => match b.split_first() {
+                        Some((&STDIN, data)) => Some(ConsoleInput::Stdin(data.to_vec())),
+                        _ => None,
+                    },
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<Control>(&t) {
+                        Ok(Control::Resize { rows, cols }) => Some(ConsoleInput::Resize { rows, cols }),
+                        Ok(Control::Eof) => Some(ConsoleInput::Eof),
+                        _ => None,
+                    },
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                        // Dropping the input tells the agent the client left.
+                        return;
+                    }
+                    Some(Ok(_)) => None,
+                };
+                if let (Some(item), Some(tx)) = (item, input.as_ref())
+                    && tx.send(item).await.is_err()
+                {
+                    input = None;
+                }
+            }
+        }
+    }
+}
+
+fn frame(stream: u8, data: &[u8]) -> Message {
+    let mut v = Vec::with_capacity(data.len() + 1);
+    v.push(stream);
+    v.extend_from_slice(data);
+    Message::Binary(v.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_becomes_a_shell_command() {
+        let q = ConsoleQuery {
+            cmd: Some("echo hi; exit 3".into()),
+            ..Default::default()
+        };
+        let r = q.request();
+        assert_eq!(r.command, ["/bin/sh", "-c", "echo hi; exit 3"]);
+        assert!(!r.tty && r.env.is_empty());
+        let q = ConsoleQuery {
+            tty: true,
+            rows: Some(40),
+            cols: Some(0),
+            ..Default::default()
+        };
+        let r = q.request();
+        assert_eq!(r.command, ["/bin/sh"]);
+        assert_eq!((r.tty, r.rows, r.cols), (true, 40, 80));
+        assert_eq!(r.env["TERM"], "xterm");
+    }
+
+    #[test]
+    fn control_frames_are_tagged_json() {
+        let t = serde_json::to_string(&Control::Resize { rows: 5, cols: 9 }).unwrap();
+        assert_eq!(t, r#"{"type":"resize","rows":5,"cols":9}"#);
+        let e: Control = serde_json::from_str(r#"{"type":"exit","code":3,"signal":null}"#).unwrap();
+        assert_eq!(
+            e,
+            Control::Exit {
+                code: Some(3),
+                signal: None
+            }
+        );
+    }
+}
