@@ -561,7 +561,10 @@ impl Init {
 
     fn on_host(&mut self, msg: HostMessage) {
         match msg {
-            HostMessage::Hello { .. } | HostMessage::HelloAck { .. } => {}
+            // ProcessList is answered by the port itself.
+            HostMessage::Hello { .. }
+            | HostMessage::HelloAck { .. }
+            | HostMessage::ProcessList { .. } => {}
             HostMessage::Signal { signal } => {
                 if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none())
                     && let Err(e) = sys::kill(app.pid, signal)

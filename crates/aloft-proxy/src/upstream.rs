@@ -500,6 +500,9 @@ pub struct UpstreamBody {
     framing: Framing,
     keep_alive: bool,
     lease: Option<Lease>,
+    machine: std::sync::Arc<str>,
+    /// The access log line, written when the body ends or is dropped.
+    access: Option<Box<crate::metrics::AccessLog>>,
 }
 
 /// A response body from a machine that broke off.
@@ -516,12 +519,26 @@ impl UpstreamBody {
             conn: Some(conn),
             framing: plan.framing,
             keep_alive: plan.keep_alive,
+            machine: std::sync::Arc::clone(&lease.backend().machine_id),
             lease: Some(lease),
+            access: None,
         };
         if matches!(body.framing, Framing::Done) {
             body.finish();
         }
         body
+    }
+
+    /// Attach the request's access log line; it counts the body bytes sent and is
+    /// written when the body is dropped (right after its end, or when the client
+    /// goes away).
+    pub(crate) fn set_access(&mut self, mut log: Box<crate::metrics::AccessLog>) {
+        log.machine = Some(std::sync::Arc::clone(&self.machine));
+        if matches!(self.framing, Framing::Done) {
+            drop(log);
+        } else {
+            self.access = Some(log);
+        }
     }
 
     fn finish(&mut self) {
@@ -674,7 +691,12 @@ impl Body for UpstreamBody {
         loop {
             match this.decode() {
                 Err(e) => return Poll::Ready(Some(Err(e))),
-                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(data)) => {
+                    if let Some(a) = this.access.as_mut() {
+                        a.bytes += data.len() as u64;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
                 Ok(None) => {}
             }
             if matches!(this.framing, Framing::Done) {

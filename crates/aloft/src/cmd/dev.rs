@@ -26,6 +26,16 @@ pub struct DevArgs {
     /// further region's proxy takes the next port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub proxy_listen: SocketAddr,
+    /// Where the first region's proxy serves HTTPS (public port 443; each further
+    /// region takes the next port). Off unless given. It serves `*<host-suffix>` with
+    /// a certificate of the local CA kept in `<data-dir>/proxy-ca/` (trust its
+    /// `ca.pem`), and the catalog's certificates.
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_tls_listen: Option<SocketAddr>,
+    /// Admin listener serving every proxy's Prometheus `GET /metrics` (port 0 picks
+    /// a free one; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_listen: SocketAddr,
     /// Simulated regions, one agent and one proxy each.
     #[arg(long, value_delimiter = ',', default_value = "local")]
     pub regions: Vec<String>,
@@ -219,6 +229,7 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
 
     let mut proxy_tasks = Vec::new();
     let mut proxy_addrs = Vec::new();
+    let mut tls_addrs = Vec::new();
     for (i, region) in regions.iter().enumerate() {
         let mut addr = args.proxy_listen;
         addr.set_port(args.proxy_listen.port() + i as u16);
@@ -242,19 +253,44 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
             routes.clone(),
             args.autostop_idle,
         ));
+        let tls_listener = dev_tls_listener(&args, i, &routes, &store, &root).await?;
+        if let Some(l) = &tls_listener {
+            tls_addrs.push((region.clone(), l.listener.local_addr()?));
+        }
         let mut stop = stop_rx.clone();
         proxy_tasks.push(tokio::spawn(aloft_proxy::serve(
-            vec![Listener {
-                listener,
-                public_port: 80,
-            }],
+            [
+                Some(Listener {
+                    listener,
+                    public_port: 80,
+                }),
+                tls_listener,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             routes,
-            ProxyConfig::default(),
+            ProxyConfig {
+                tls_ports: Arc::from(vec![443]),
+                ..ProxyConfig::default()
+            },
             async move {
                 let _ = stop.wait_for(|s| *s).await;
             },
         )));
     }
+
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for metrics", args.metrics_listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let mut metrics_stop = stop_rx.clone();
+    tokio::spawn(aloft_proxy::metrics::serve_admin(
+        metrics_listener,
+        async move {
+            let _ = metrics_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     let api_url = format!("http://{api_addr}");
     let proxy = proxy_addrs
@@ -280,6 +316,13 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
         println!(
             "  proxy:  http://{addr}  region {region}  (apps answer as <app>{})",
             args.host_suffix
+        );
+    }
+    println!("  metrics: http://{metrics_addr}/metrics");
+    for (region, addr) in &tls_addrs {
+        println!(
+            "  proxy:  https://{addr}  region {region}  (CA: {})",
+            root.join("proxy-ca").join("ca.pem").display()
         );
     }
     println!(
@@ -383,4 +426,38 @@ mod tests {
         assert!(!is_static_elf(Path::new("/bin/ls")), "ls needs the loader");
         assert!(!is_static_elf(Path::new("/etc/hostname")));
     }
+}
+
+/// tls: the HTTPS listener of the `i`th region's proxy (public port 443) when
+/// `--proxy-tls-listen` is given, with the dev certificate (`*<suffix>` signed by the
+/// local CA in `<data-dir>/proxy-ca/`) and the catalog's certificates followed live.
+async fn dev_tls_listener(
+    args: &DevArgs,
+    i: usize,
+    routes: &Arc<Routes>,
+    store: &Arc<dyn Store>,
+    root: &Path,
+) -> anyhow::Result<Option<Listener>> {
+    let Some(mut addr) = args.proxy_tls_listen else {
+        return Ok(None);
+    };
+    if addr.port() != 0 {
+        addr.set_port(addr.port() + i as u16);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for HTTPS"))?;
+    aloft_proxy::tls::install_dev_certificate(
+        routes.certs(),
+        &root.join("proxy-ca"),
+        &args.host_suffix,
+    )?;
+    tokio::spawn(aloft_proxy::tls::follow_certs(
+        store.clone(),
+        Arc::clone(routes.certs()),
+    ));
+    Ok(Some(Listener {
+        listener,
+        public_port: 443,
+    }))
 }

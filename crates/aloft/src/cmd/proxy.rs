@@ -43,6 +43,22 @@ pub struct ProxyArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 10)]
     pub drain_timeout_secs: u64,
+    /// Admin listener serving Prometheus `GET /metrics` (not routed to apps).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Unix socket for hitless reload: a new `aloft proxy` started with the same path
+    /// takes over the listening sockets of the running one, which then stops
+    /// accepting and drains (no connection is refused or reset).
+    #[arg(long, value_name = "PATH")]
+    pub handoff_socket: Option<PathBuf>,
+    /// A certificate served by SNI on TLS ports: `HOSTNAME=CERT_PEM,KEY_PEM`
+    /// (`*.domain` covers one label). Repeatable; adds to the routes file's `[[certs]]`.
+    #[arg(long = "cert", value_name = "HOST=CERT,KEY")]
+    pub certs: Vec<String>,
+    /// A public port served as TLS (then HTTP) even when no service names it with
+    /// `tls`. Repeatable.
+    #[arg(long = "tls-port", value_name = "PORT")]
+    pub tls_ports: Vec<u16>,
 }
 
 fn parse_listen(s: &str) -> Result<(SocketAddr, Option<u16>)> {
@@ -70,6 +86,20 @@ pub fn run(args: ProxyArgs, _data_dir: &DataDir) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     let routes = Arc::new(Routes::new(args.region.clone()));
     load_routes_file(&args.routes, &routes)?;
+    for c in &args.certs {
+        let (host, files) = c
+            .split_once('=')
+            .and_then(|(h, f)| Some((h, f.split_once(',')?)))
+            .with_context(|| format!("--cert {c}: expected HOSTNAME=CERT_PEM,KEY_PEM"))?;
+        let spec = aloft_proxy::tls::CertSpec {
+            hostname: host.to_string(),
+            cert: files.0.into(),
+            key: files.1.into(),
+        };
+        for (name, key) in aloft_proxy::tls::load_cert_files(&[spec], std::path::Path::new("."))? {
+            routes.certs().insert_file(&name, key);
+        }
+    }
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
@@ -90,17 +120,65 @@ async fn serve(
 ) -> Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
 
+    // reload: take the listening sockets over from a running proxy, if one answers.
+    let mut inherited = match &args.handoff_socket {
+        Some(path) => aloft_proxy::reload::inherit(path)?,
+        None => None,
+    };
+    let mut bind = async |addr: SocketAddr, what: &str| -> Result<tokio::net::TcpListener> {
+        if let Some(l) = inherited.as_mut().and_then(|i| i.take(addr)) {
+            println!("aloft proxy: took over {addr} from the running proxy");
+            return tokio::net::TcpListener::from_std(l)
+                .with_context(|| format!("inherited listener {addr}"));
+        }
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}{what}"))
+    };
     let mut listeners = Vec::new();
     for (addr, port) in listens {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = bind(addr, "").await?;
         let local = listener.local_addr().context("listener address")?;
         let public_port = port.unwrap_or(local.port());
         println!("aloft proxy: listening on {local} (public port {public_port})");
         listeners.push(Listener {
             listener,
             public_port,
+        });
+    }
+
+    let mut handoff_fds = aloft_proxy::reload::raw_listeners(
+        &listeners.iter().map(|l| &l.listener).collect::<Vec<_>>(),
+    );
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = args.metrics_listen {
+        let l = bind(addr, " for metrics").await?;
+        let local = l.local_addr().context("metrics listener address")?;
+        println!("aloft proxy: metrics on http://{local}/metrics");
+        handoff_fds.extend(aloft_proxy::reload::raw_listeners(&[&l]));
+        tokio::spawn(aloft_proxy::metrics::serve_admin(l, async move {
+            let _ = admin_stop_rx.await;
+        }));
+    }
+    // reload: the old proxy drains once this one serves; then offer the same to the
+    // next one.
+    let (handed_tx, handed_rx) = tokio::sync::oneshot::channel::<()>();
+    if let Some(path) = &args.handoff_socket {
+        if let Some(i) = inherited.take() {
+            let left = i.remaining();
+            if !left.is_empty() {
+                tracing::warn!(?left, "running proxy listens on addresses this one does not");
+            }
+            i.ready()?;
+        }
+        let handoff = aloft_proxy::reload::Handoff::bind(path)?;
+        tokio::spawn(async move {
+            let handed = handoff.next_successor(&handoff_fds).await;
+            eprintln!(
+                "aloft proxy: handed {} listener(s) to a new proxy; draining",
+                handed.0.len()
+            );
+            let _ = handed_tx.send(());
         });
     }
 
@@ -126,14 +204,18 @@ async fn serve(
         max_connections: args.max_connections.max(1),
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        tls_ports: Arc::from(args.tls_ports.clone()),
         ..ProxyConfig::default()
     };
+    let mut quit = signal(SignalKind::quit()).context("cannot watch SIGQUIT")?;
     let shutdown = async move {
         tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+            _ = term.recv() => eprintln!("aloft proxy: draining"),
+            _ = int.recv() => eprintln!("aloft proxy: draining"),
+            _ = quit.recv() => eprintln!("aloft proxy: draining"),
+            Ok(()) = handed_rx => {},
         }
-        eprintln!("aloft proxy: draining");
+        let _ = admin_stop_tx.send(());
     };
     let report = aloft_proxy::serve(listeners, routes, cfg, shutdown).await;
     if report.cut_at_drain > 0 {
