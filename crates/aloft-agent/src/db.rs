@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aloft_types::machine::{Lease, Machine, MachineEvent, Volume};
+use aloft_types::machine::{Lease, Machine, MachineEvent, Volume, VolumeSnapshot};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,12 @@ CREATE TABLE IF NOT EXISTS volumes (
     id TEXT PRIMARY KEY,
     app TEXT NOT NULL,
     volume TEXT NOT NULL,
+    path TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    id TEXT PRIMARY KEY,
+    volume_id TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
     path TEXT NOT NULL
 );
 ";
@@ -390,6 +396,71 @@ impl AgentDb {
         self.with(|c| {
             c.execute("DELETE FROM volumes WHERE id = ?1", params![id])
                 .map(|_| ())
+        })
+    }
+}
+
+impl AgentDb {
+    pub fn put_snapshot(
+        &self,
+        volume_id: &str,
+        snap: &VolumeSnapshot,
+        path: &Path,
+    ) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO snapshots (id, volume_id, snapshot, path) VALUES (?1, ?2, ?3, ?4)",
+                params![snap.id, volume_id, to_json(snap), path.display().to_string()],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Snapshots of one volume, oldest first.
+    pub fn snapshots(&self, volume_id: &str) -> Result<Vec<(VolumeSnapshot, PathBuf)>, DbError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT snapshot, path FROM snapshots WHERE volume_id = ?1 ORDER BY rowid",
+            )?;
+            let rows = st.query_map(params![volume_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (snap, path) = row?;
+                if let Some(snap) = from_json(&snap) {
+                    out.push((snap, PathBuf::from(path)));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// One snapshot by id: (volume id, snapshot, file).
+    pub fn snapshot(&self, id: &str) -> Result<Option<(String, VolumeSnapshot, PathBuf)>, DbError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT volume_id, snapshot, path FROM snapshots WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .optional()
+        })
+        .map(|row| {
+            row.and_then(|(v, snap, path)| Some((v, from_json(&snap)?, PathBuf::from(path))))
+        })
+    }
+
+    pub fn delete_snapshot(&self, id: &str) -> Result<(), DbError> {
+        self.with(|c| {
+            c.execute("DELETE FROM snapshots WHERE id = ?1", params![id])
+                .map(drop)
         })
     }
 }

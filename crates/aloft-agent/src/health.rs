@@ -1,14 +1,23 @@
-//! Health checks of started machines (tcp and http, from the machine config's
-//! `checks` and each service's `checks`), run by the agent on their interval and
-//! published with the machine.
+//! Health checks of started machines (tcp, http, and `exec` commands run in the guest,
+//! from the machine config's `checks` and each service's `checks`), run by the agent on
+//! their interval and published with the machine. A check with `unhealthy = "restart"`
+//! that fails `failure_threshold` times in a row (after its grace period) restarts the
+//! machine; the counts start again with the new boot.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aloft_types::machine::{CheckStatus, MachineCheck};
+use aloft_types::machine::{
+    CheckStatus, DEFAULT_FAILURE_THRESHOLD, MachineCheck, UNHEALTHY_RESTART,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::AgentApi;
 use crate::agent::{Agent, now_ms, rfc3339};
+
+/// Most bytes of a command check's output kept in its result.
+const EXEC_OUTPUT_MAX: usize = 4096;
 
 fn dur(s: &Option<String>, default: Duration) -> Duration {
     s.as_deref()
@@ -20,12 +29,26 @@ fn dur(s: &Option<String>, default: Duration) -> Duration {
 pub(crate) async fn run(agent: Agent) {
     let mut next: HashMap<(String, String), Instant> = HashMap::new();
     let mut results: HashMap<String, Vec<CheckStatus>> = HashMap::new();
+    // Failed runs in a row per (machine, check).
+    let mut failures: HashMap<(String, String), i64> = HashMap::new();
+    // Machines being restarted for failing checks: not checked until that is done.
+    let restarting: Arc<Mutex<HashSet<String>>> = Arc::default();
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let machines = agent.started_machines();
+        let busy: HashSet<String> = match restarting.lock() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let machines: Vec<_> = agent
+            .started_machines()
+            .into_iter()
+            .filter(|(_, m, _)| !busy.contains(&m.id))
+            .collect();
         next.retain(|(id, _), _| machines.iter().any(|(_, m, _)| &m.id == id));
+        failures.retain(|(id, _), _| machines.iter().any(|(_, m, _)| &m.id == id));
         results.retain(|id, _| machines.iter().any(|(_, m, _)| &m.id == id));
         for (app, m, extra) in machines {
+            let mut restart_for: Option<String> = None;
             let mut checks: Vec<(String, MachineCheck, i64)> = m
                 .config
                 .checks
@@ -67,13 +90,31 @@ pub(crate) async fn run(agent: Agent) {
                     .map(|(g, h)| agent.target(&extra, *g, *h));
                 let timeout =
                     dur(&check.timeout, Duration::from_secs(2)).min(Duration::from_secs(60));
-                let (status, output) = match host_port {
-                    None => (
-                        "critical",
-                        format!("port {port} is not reachable from the host"),
-                    ),
-                    Some((ip, p)) => probe(&ip, p, &check, timeout).await,
+                let (status, output) = if check.kind.as_deref() == Some("exec") {
+                    exec_probe(&agent, &app, &m.id, &check, timeout).await
+                } else {
+                    match host_port {
+                        None => (
+                            "critical",
+                            format!("port {port} is not reachable from the host"),
+                        ),
+                        Some((ip, p)) => probe(&ip, p, &check, timeout).await,
+                    }
                 };
+                let failed = failures.entry((m.id.clone(), name.clone())).or_insert(0);
+                *failed = if status == "passing" { 0 } else { *failed + 1 };
+                let threshold = check
+                    .failure_threshold
+                    .filter(|n| *n > 0)
+                    .unwrap_or(DEFAULT_FAILURE_THRESHOLD);
+                if check.unhealthy.as_deref() == Some(UNHEALTHY_RESTART)
+                    && *failed >= threshold
+                    && restart_for.is_none()
+                {
+                    restart_for = Some(format!(
+                        "health check {name} failed {failed} times in a row: {output}"
+                    ));
+                }
                 let entry = CheckStatus {
                     name: name.clone(),
                     status: status.to_string(),
@@ -94,7 +135,54 @@ pub(crate) async fn run(agent: Agent) {
             if changed {
                 agent.set_checks(&app, &m.id, current.clone()).await;
             }
+            if let Some(why) = restart_for {
+                next.retain(|(id, _), _| id != &m.id);
+                failures.retain(|(id, _), _| id != &m.id);
+                if let Ok(mut r) = restarting.lock() {
+                    r.insert(m.id.clone());
+                }
+                let (agent, restarting, id) = (agent.clone(), restarting.clone(), m.id.clone());
+                tokio::spawn(async move {
+                    agent.restart_unhealthy(&app, &id, &why).await;
+                    if let Ok(mut r) = restarting.lock() {
+                        r.remove(&id);
+                    }
+                });
+            }
         }
+    }
+}
+
+/// Runs a command check in the guest: exit 0 passes; the output is kept.
+async fn exec_probe(
+    agent: &Agent,
+    app: &str,
+    id: &str,
+    check: &MachineCheck,
+    timeout: Duration,
+) -> (&'static str, String) {
+    if check.command.is_empty() {
+        return ("critical", "exec check without a command".to_string());
+    }
+    match agent.exec(app, id, check.command.clone(), timeout).await {
+        Ok(out) => {
+            let mut text = out.stdout;
+            text.push_str(&out.stderr);
+            let mut text = text.trim().to_string();
+            if text.len() > EXEC_OUTPUT_MAX {
+                let mut cut = EXEC_OUTPUT_MAX;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+            if out.exit_code == 0 {
+                ("passing", text)
+            } else {
+                ("critical", format!("exit code {}: {text}", out.exit_code))
+            }
+        }
+        Err(e) => ("critical", e.to_string()),
     }
 }
 

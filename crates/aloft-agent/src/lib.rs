@@ -19,3 +19,4 @@ pub use api::{
     AgentApi, AgentError, CreateMachine, CreateVolume, ExecOutput, LogLine, StopOptions,
     UpdateMachine, WaitFor,
 };
+pub use api::MachineMemory;

@@ -1,9 +1,15 @@
 //! Volumes: sparse ext4 files under `<data>/volumes`, attached to one machine at a
-//! time (a machine with a volume stays on this host), extended offline.
+//! time (a machine with a volume stays on this host), extended offline; snapshots as
+//! sparse (reflinked where the filesystem can) copies under `<data>/snapshots/<volume>`,
+//! taken with the machine using the volume paused, kept `snapshot_retention` days,
+//! restored by creating a volume from one, and destroyed with their volume.
 
 use std::process::Command;
 
-use aloft_types::machine::{MachineState, Volume};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aloft_types::machine::{MachineState, Volume, VolumeSnapshot};
 
 use crate::agent::Agent;
 use crate::api::{AgentError, CreateVolume};
@@ -48,17 +54,20 @@ pub(crate) async fn create(agent: &Agent, req: CreateVolume) -> Result<Volume, A
         .map_err(|e| AgentError::Internal(format!("{}: {e}", dir.display())))?;
     let path = dir.join(format!("{id}.ext4"));
     let tmp = dir.join(format!("{id}.ext4.tmp"));
-    let file = std::fs::File::create(&tmp)
-        .map_err(|e| AgentError::Internal(format!("{}: {e}", tmp.display())))?;
-    file.set_len(req.size_gb as u64 * GB)
-        .map_err(|e| AgentError::Internal(format!("{}: {e}", tmp.display())))?;
-    drop(file);
-    let made = tool(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", &req.name])
-            .arg(&tmp),
-        "mkfs.ext4",
-    );
+    let made = match &req.snapshot_id {
+        Some(snap) => restore(agent, snap, req.size_gb, &tmp),
+        None => std::fs::File::create(&tmp)
+            .and_then(|f| f.set_len(req.size_gb as u64 * GB))
+            .map_err(|e| AgentError::Internal(format!("{}: {e}", tmp.display())))
+            .and_then(|()| {
+                tool(
+                    Command::new("mkfs.ext4")
+                        .args(["-q", "-F", "-L", &req.name])
+                        .arg(&tmp),
+                    "mkfs.ext4",
+                )
+            }),
+    };
     if let Err(e) = made {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -148,6 +157,11 @@ pub(crate) async fn destroy(agent: &Agent, app: &str, id: &str) -> Result<Volume
         )));
     }
     let _ = std::fs::remove_file(&path);
+    for (snap, file) in agent.db().snapshots(id).unwrap_or_default() {
+        let _ = std::fs::remove_file(&file);
+        let _ = agent.db().delete_snapshot(&snap.id);
+    }
+    let _ = std::fs::remove_dir_all(snapshot_dir(agent, id));
     agent
         .db()
         .delete_volume(id)
@@ -155,4 +169,161 @@ pub(crate) async fn destroy(agent: &Agent, app: &str, id: &str) -> Result<Volume
     v.state = "destroyed".into();
     agent.publish_volume(app, &v).await;
     Ok(v)
+}
+
+fn internal(what: &Path, e: impl std::fmt::Display) -> AgentError {
+    AgentError::Internal(format!("{}: {e}", what.display()))
+}
+
+fn snapshot_dir(agent: &Agent, volume_id: &str) -> PathBuf {
+    agent.data_dir().join("snapshots").join(volume_id)
+}
+
+/// A sparse copy of `from` at `to` (a reflink where the filesystem offers one).
+fn copy_sparse(from: &Path, to: &Path) -> Result<(), AgentError> {
+    tool(
+        Command::new("cp")
+            .args(["--reflink=auto", "--sparse=always"])
+            .arg(from)
+            .arg(to),
+        "cp",
+    )
+}
+
+/// Writes the volume image of snapshot `snap_id` to `tmp`, grown to `size_gb`.
+fn restore(agent: &Agent, snap_id: &str, size_gb: i64, tmp: &Path) -> Result<(), AgentError> {
+    let (_, snap, file) = agent
+        .db()
+        .snapshot(snap_id)
+        .map_err(|e| AgentError::Internal(e.to_string()))?
+        .ok_or_else(|| AgentError::NotFound {
+            kind: "snapshot",
+            id: snap_id.to_string(),
+        })?;
+    let want = size_gb as u64 * GB;
+    if (want as i64) < snap.volume_size {
+        return Err(AgentError::Invalid {
+            field: "size_gb".into(),
+            message: format!(
+                "{size_gb} GB is smaller than snapshot {snap_id} ({} GB)",
+                snap.volume_size / GB as i64
+            ),
+        });
+    }
+    copy_sparse(&file, tmp)?;
+    if want as i64 > snap.volume_size {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(tmp)
+            .map_err(|e| internal(tmp, e))?;
+        f.set_len(want).map_err(|e| internal(tmp, e))?;
+        drop(f);
+        let _ = Command::new("e2fsck").args(["-fy"]).arg(tmp).output();
+        tool(Command::new("resize2fs").arg(tmp), "resize2fs")?;
+    }
+    Ok(())
+}
+
+/// Drops snapshots older than the volume's retention (days).
+fn prune(agent: &Agent, v: &Volume) {
+    let days = if v.snapshot_retention > 0 {
+        v.snapshot_retention
+    } else {
+        5
+    };
+    let oldest = crate::agent::now_ms() - days * 86_400_000;
+    for (snap, file) in agent.db().snapshots(&v.id).unwrap_or_default() {
+        if crate::agent::parse_rfc3339_ms(&snap.created_at).is_some_and(|t| t < oldest) {
+            let _ = std::fs::remove_file(&file);
+            let _ = agent.db().delete_snapshot(&snap.id);
+        }
+    }
+}
+
+pub(crate) async fn snapshots(
+    agent: &Agent,
+    app: &str,
+    id: &str,
+) -> Result<Vec<VolumeSnapshot>, AgentError> {
+    let (v, _) = agent.volume(app, id)?;
+    prune(agent, &v);
+    Ok(agent
+        .db()
+        .snapshots(id)
+        .map_err(|e| AgentError::Internal(e.to_string()))?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect())
+}
+
+/// Takes a snapshot. With the volume in use by a running machine, the guest is asked
+/// to `sync` (best effort: the image may have no `sync`), then the VM is paused for the
+/// copy (QEMU drains its disk queue when pausing), so the copy is at least
+/// crash-consistent; ext4's journal replays on restore.
+pub(crate) async fn snapshot(
+    agent: &Agent,
+    app: &str,
+    id: &str,
+) -> Result<VolumeSnapshot, AgentError> {
+    let (v, path) = agent.volume(app, id)?;
+    let dir = snapshot_dir(agent, id);
+    std::fs::create_dir_all(&dir).map_err(|e| internal(&dir, e))?;
+    let snap_id = format!("vs_{}", agent.new_id().trim_start_matches("vol_"));
+    let file = dir.join(format!("{snap_id}.ext4"));
+    let tmp = dir.join(format!("{snap_id}.ext4.tmp"));
+    let users = agent.machines_using_volume(app, &v);
+    // Hold the user's lock: no stop, start or suspend while it is paused.
+    let mut held = Vec::new();
+    for m in &users {
+        let lock = agent.machine_lock(m);
+        held.push(lock.lock_owned().await);
+    }
+    let mut paused = Vec::new();
+    for m in &users {
+        if let Some((vm, channel)) = agent.running_vm(m).await {
+            if let Some(ch) = channel {
+                let req = aloft_vmm::channel::ExecRequest {
+                    cmd: vec!["sync".into()],
+                    ..Default::default()
+                };
+                let _ = ch.exec(&req, Duration::from_secs(10)).await;
+            }
+            vm.pause()
+                .await
+                .map_err(|e| AgentError::Internal(format!("pausing machine {m}: {e}")))?;
+            paused.push(vm);
+        }
+    }
+    let copied = copy_sparse(&path, &tmp);
+    for vm in &paused {
+        if let Err(e) = vm.resume().await {
+            tracing::warn!(volume = %id, "resuming a machine after a snapshot: {e}");
+        }
+    }
+    drop(held);
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &file).map_err(|e| internal(&file, e))?;
+    let meta = std::fs::metadata(&file).map_err(|e| internal(&file, e))?;
+    let snap = VolumeSnapshot {
+        id: snap_id,
+        created_at: agent.now_rfc3339(),
+        status: "created".into(),
+        size: (std::os::unix::fs::MetadataExt::blocks(&meta) * 512) as i64,
+        volume_size: meta.len() as i64,
+        digest: String::new(),
+        retention_days: if v.snapshot_retention > 0 {
+            v.snapshot_retention
+        } else {
+            5
+        },
+    };
+    agent
+        .db()
+        .put_snapshot(id, &snap, &file)
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    prune(agent, &v);
+    Ok(snap)
 }

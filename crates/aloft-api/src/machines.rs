@@ -149,6 +149,51 @@ pub struct MachineVersion {
 #[schema(as = main::memoryResponse)]
 pub struct MemoryResponse {
     pub limit_mb: i64,
+    /// What the guest reports available to its apps (0 when not running).
+    pub available_mb: i64,
+}
+
+/// Fly's `main.setMemoryLimitRequest`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[schema(as = main::setMemoryLimitRequest)]
+#[serde(default)]
+pub struct SetMemoryLimitRequest {
+    pub limit_mb: i64,
+}
+
+/// Fly's `main.reclaimMemoryRequest`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[schema(as = main::reclaimMemoryRequest)]
+#[serde(default)]
+pub struct ReclaimMemoryRequest {
+    pub amount_mb: i64,
+}
+
+/// Fly's `main.reclaimMemoryResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(as = main::reclaimMemoryResponse)]
+pub struct ReclaimMemoryResponse {
+    pub actual_mb: i64,
+}
+
+/// Fly's `ListenSocket`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ListenSocket {
+    pub proto: String,
+    pub address: String,
+}
+
+/// Fly's `ProcessStat`: CPU times and `rtime` (since start) in ms, `rss` in bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProcessStat {
+    pub pid: i64,
+    pub command: String,
+    pub cpu: i64,
+    pub rss: i64,
+    pub rtime: i64,
+    pub stime: i64,
+    pub directory: String,
+    pub listen_sockets: Vec<ListenSocket>,
 }
 
 /// A lease in Fly's `Lease` shape, and also inside the envelope flyctl (fly-go's
@@ -923,10 +968,130 @@ pub async fn memory(
     Path((app, id)): Path<(String, String)>,
 ) -> Result<Json<MemoryResponse>, ApiError> {
     let a = machine_agent(&state, &app, &id).await?;
-    let m = a.get_machine(&app, &id).await?;
+    let m = a.get_memory(&app, &id).await?;
     Ok(Json(MemoryResponse {
-        limit_mb: placement::memory_mb(&m.config) as i64,
+        limit_mb: m.limit_mb,
+        available_mb: m.available_mb,
     }))
+}
+
+#[utoipa::path(put, path = "/apps/{app_name}/machines/{machine_id}/memory", tag = "Machines", operation_id = "Machines_set_memory_limit",
+    params(("app_name" = String, Path, description = "Fly App Name"), ("machine_id" = String, Path, description = "Machine ID")),
+    request_body(content = SetMemoryLimitRequest, description = "Set memory limit request"),
+    responses((status = 200, description = "OK", body = MemoryResponse),
+        (status = 400, description = "Bad Request", body = ErrorResponse)))]
+pub async fn memory_set(
+    State(state): State<ApiState>,
+    Path((app, id)): Path<(String, String)>,
+    JsonBody(req): JsonBody<SetMemoryLimitRequest>,
+) -> Result<Json<MemoryResponse>, ApiError> {
+    if req.limit_mb <= 0 {
+        return Err(ApiError::BadRequest(format!(
+            "invalid field `limit_mb`: {} must be a positive number of MB",
+            req.limit_mb
+        )));
+    }
+    let a = machine_agent(&state, &app, &id).await?;
+    let m = a.set_memory_limit(&app, &id, req.limit_mb).await?;
+    Ok(Json(MemoryResponse {
+        limit_mb: m.limit_mb,
+        available_mb: m.available_mb,
+    }))
+}
+
+#[utoipa::path(post, path = "/apps/{app_name}/machines/{machine_id}/memory/reclaim", tag = "Machines", operation_id = "Machines_reclaim_memory",
+    params(("app_name" = String, Path, description = "Fly App Name"), ("machine_id" = String, Path, description = "Machine ID")),
+    request_body(content = ReclaimMemoryRequest, description = "Reclaim memory request"),
+    responses((status = 200, description = "OK", body = ReclaimMemoryResponse),
+        (status = 400, description = "Bad Request", body = ErrorResponse)))]
+pub async fn memory_reclaim(
+    State(state): State<ApiState>,
+    Path((app, id)): Path<(String, String)>,
+    JsonBody(req): JsonBody<ReclaimMemoryRequest>,
+) -> Result<Json<ReclaimMemoryResponse>, ApiError> {
+    if req.amount_mb <= 0 {
+        return Err(ApiError::BadRequest(format!(
+            "invalid field `amount_mb`: {} must be a positive number of MB",
+            req.amount_mb
+        )));
+    }
+    let a = machine_agent(&state, &app, &id).await?;
+    let actual_mb = a.reclaim_memory(&app, &id, req.amount_mb).await?;
+    Ok(Json(ReclaimMemoryResponse { actual_mb }))
+}
+
+#[utoipa::path(get, path = "/apps/{app_name}/machines/{machine_id}/ps", tag = "Machines", operation_id = "Machines_list_processes",
+    params(("app_name" = String, Path, description = "Fly App Name"), ("machine_id" = String, Path, description = "Machine ID"),
+        ("sort_by" = Option<String>, Query, description = "Sort by: pid (default), cpu, rss, rtime, stime, command or directory"),
+        ("order" = Option<String>, Query, description = "Order: asc (default) or desc")),
+    responses((status = 200, description = "OK", body = Vec<ProcessStat>),
+        (status = 400, description = "Bad Request", body = ErrorResponse)))]
+pub async fn ps(
+    State(state): State<ApiState>,
+    Path((app, id)): Path<(String, String)>,
+    q: QueryPairs,
+) -> Result<Json<Vec<ProcessStat>>, ApiError> {
+    const SORTS: [&str; 7] = [
+        "pid",
+        "cpu",
+        "rss",
+        "rtime",
+        "stime",
+        "command",
+        "directory",
+    ];
+    let sort_by = q.get("sort_by").filter(|s| !s.is_empty()).unwrap_or("pid");
+    if !SORTS.contains(&sort_by) {
+        return Err(ApiError::BadRequest(format!(
+            "invalid query parameter `sort_by`: {sort_by:?} is not one of pid, cpu, rss, rtime, stime, command, directory"
+        )));
+    }
+    let desc = match q.get("order").filter(|s| !s.is_empty()) {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(o) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid query parameter `order`: {o:?} is not asc or desc"
+            )));
+        }
+    };
+    let a = machine_agent(&state, &app, &id).await?;
+    let mut list: Vec<ProcessStat> = a
+        .machine_ps(&app, &id)
+        .await?
+        .into_iter()
+        .map(|p| ProcessStat {
+            pid: i64::from(p.pid),
+            command: p.command,
+            cpu: p.cpu as i64,
+            rss: p.rss as i64,
+            rtime: p.rtime as i64,
+            stime: p.stime as i64,
+            directory: p.directory,
+            listen_sockets: p
+                .listen_sockets
+                .into_iter()
+                .map(|l| ListenSocket {
+                    proto: l.proto,
+                    address: l.address,
+                })
+                .collect(),
+        })
+        .collect();
+    list.sort_by(|x, y| {
+        let o = match sort_by {
+            "cpu" => x.cpu.cmp(&y.cpu),
+            "rss" => x.rss.cmp(&y.rss),
+            "rtime" => x.rtime.cmp(&y.rtime),
+            "stime" => x.stime.cmp(&y.stime),
+            "command" => x.command.cmp(&y.command),
+            "directory" => x.directory.cmp(&y.directory),
+            _ => std::cmp::Ordering::Equal,
+        }
+        .then(x.pid.cmp(&y.pid));
+        if desc { o.reverse() } else { o }
+    });
+    Ok(Json(list))
 }
 
 /// One log line of a machine (the agent's `LogLine`).

@@ -251,6 +251,17 @@ impl Port {
                     self.state = State::Greeting;
                     self.last_hello = None;
                 }
+                // `ps`: answered here from /proc, the app loop never sees it.
+                Ok(Some(HostMessage::ProcessList { request_id })) => {
+                    let (processes, mem_total_kb, mem_available_kb) =
+                        crate::procfs::processes(Path::new("/proc"));
+                    self.send(&GuestMessage::ProcessList {
+                        request_id,
+                        processes,
+                        mem_total_kb,
+                        mem_available_kb,
+                    });
+                }
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => break,
                 Err(e) => {

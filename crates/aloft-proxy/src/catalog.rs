@@ -251,3 +251,48 @@ pub async fn autostop(routes: Arc<Routes>, idle: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod cordon_tests {
+    use super::*;
+
+    fn machine(id: &str, cordoned: bool) -> MachineRecord {
+        serde_json::from_value(serde_json::json!({
+            "schema": 1, "app": "web", "host": "h1",
+            "addresses": [{"internal_port": 8080, "address": format!("127.0.0.1:{}", 9000 + id.len())}],
+            "machine": {
+                "id": id, "name": id, "state": "started", "region": "ams", "instance_id": "v1",
+                "created_at": "", "updated_at": "", "cordoned": cordoned,
+                "config": {"image": "x", "services": [{"protocol": "tcp", "internal_port": 8080,
+                    "ports": [{"port": 80, "handlers": ["http"]}]}]}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn cordoned_machines_get_no_routes() {
+        let app: AppRecord = serde_json::from_value(serde_json::json!({
+            "schema": 1, "id": "web", "name": "web", "org": "personal", "network": "default",
+            "created_at": ""
+        }))
+        .unwrap();
+        let spec = spec_from_catalog(
+            &[app],
+            &[machine("m1", false), machine("m22", true)],
+            ".aloft.localhost",
+            &[],
+        );
+        let ids: Vec<&str> = spec.apps[0]
+            .machines
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect();
+        assert_eq!(ids, ["m1"]);
+        assert_eq!(
+            spec.apps[0].services.len(),
+            1,
+            "services still come from it"
+        );
+    }
+}

@@ -418,6 +418,45 @@ pub enum GuestMessage {
     Error {
         message: String,
     },
+    /// Answer to [`HostMessage::ProcessList`]: the guest's processes (read from /proc)
+    /// and its memory counters from /proc/meminfo.
+    ProcessList {
+        request_id: u64,
+        processes: Vec<ProcessStat>,
+        #[serde(default)]
+        mem_total_kb: u64,
+        #[serde(default)]
+        mem_available_kb: u64,
+    },
+}
+
+/// A listening socket of a guest process (Fly's `ListenSocket`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenSocket {
+    /// `tcp`, `tcp6`, `udp` or `udp6`.
+    pub proto: String,
+    /// `ip:port` (`[ip]:port` for IPv6).
+    pub address: String,
+}
+
+/// One guest process (Fly's `ProcessStat`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStat {
+    pub pid: i32,
+    /// The command line, arguments separated by spaces (`[comm]` for kernel threads).
+    pub command: String,
+    /// CPU time used, user + system, in milliseconds.
+    pub cpu: u64,
+    /// Resident memory in bytes.
+    pub rss: u64,
+    /// Time since the process started, in milliseconds.
+    pub rtime: u64,
+    /// CPU time used in the kernel, in milliseconds.
+    pub stime: u64,
+    /// Working directory.
+    pub directory: String,
+    #[serde(default)]
+    pub listen_sockets: Vec<ListenSocket>,
 }
 
 /// Host → guest frames.
@@ -480,6 +519,10 @@ pub enum HostMessage {
     MetadataDelete {
         request_id: u64,
         key: String,
+    },
+    /// Answered with a [`GuestMessage::ProcessList`] of the same `request_id`.
+    ProcessList {
+        request_id: u64,
     },
 }
 

@@ -304,7 +304,25 @@ pub struct MachineCheck {
     /// "informational" or "readiness".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind_detail: Option<String>,
+    /// Aloft extension for `type = "exec"` (as Fly's `fly.ExecHealthcheck.command`):
+    /// the command run in the guest through the exec channel; exit 0 passes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Aloft extension (as Fly's `fly.ContainerHealthcheck.failure_threshold`): failed
+    /// runs in a row, after the grace period, before `unhealthy` acts. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<i64>,
+    /// Aloft extension (as Fly's `fly.ContainerHealthcheck.unhealthy`): `"restart"`
+    /// makes the agent restart a machine whose check failed `failure_threshold` times
+    /// in a row. Absent (the default): failures are only reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
 }
+
+/// [`MachineCheck::unhealthy`] value that restarts the machine.
+pub const UNHEALTHY_RESTART: &str = "restart";
+/// [`MachineCheck::failure_threshold`] when absent.
+pub const DEFAULT_FAILURE_THRESHOLD: i64 = 3;
 
 /// `fly.MachineHTTPHeader`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -517,6 +535,10 @@ pub struct Machine {
     pub host_status: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// Aloft: set in the catalog record of a cordoned machine (the proxy sends it no
+    /// new traffic; it keeps running). Not part of Fly's object, omitted when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cordoned: bool,
 }
 
 fn host_ok() -> String {
@@ -604,6 +626,25 @@ pub struct Volume {
 
 fn ext4() -> String {
     "ext4".into()
+}
+
+/// Fly's `VolumeSnapshot`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeSnapshot {
+    pub id: String,
+    pub created_at: String,
+    /// `created` once the copy is complete.
+    pub status: String,
+    /// Bytes the snapshot takes on disk (sparse: only what was written).
+    pub size: i64,
+    /// Size of the volume it was taken from, in bytes.
+    #[serde(default)]
+    pub volume_size: i64,
+    /// Empty: Aloft does not hash snapshots (Fly's content digest).
+    #[serde(default)]
+    pub digest: String,
+    #[serde(default)]
+    pub retention_days: i64,
 }
 
 #[cfg(test)]

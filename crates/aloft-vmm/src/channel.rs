@@ -230,7 +230,7 @@ impl Shared {
                 },
                 true,
             ),
-            GuestMessage::Log { .. } => {}
+            GuestMessage::Log { .. } | GuestMessage::ProcessList { .. } => {}
         }
         let _ = self.events.send(msg);
     }

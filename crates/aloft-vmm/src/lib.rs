@@ -55,6 +55,10 @@ pub trait Vm: Send + Sync {
     fn console_tail(&self, lines: usize) -> String;
     /// A clear error when the console shows why the guest failed (a kernel panic).
     fn boot_failure(&self) -> Option<VmError>;
+    /// Guest memory the balloon leaves the guest, in bytes.
+    async fn balloon_actual(&self) -> Result<u64, VmError>;
+    /// Sets the balloon target (bytes of guest memory); the guest converges to it.
+    async fn set_balloon(&self, target: u64) -> Result<(), VmError>;
 }
 
 /// The QEMU `microvm` driver.
@@ -120,5 +124,11 @@ impl Vm for QemuVm {
     }
     fn boot_failure(&self) -> Option<VmError> {
         QemuVm::boot_failure(self)
+    }
+    async fn balloon_actual(&self) -> Result<u64, VmError> {
+        QemuVm::balloon_actual(self).await
+    }
+    async fn set_balloon(&self, target: u64) -> Result<(), VmError> {
+        QemuVm::set_balloon(self, target).await
     }
 }

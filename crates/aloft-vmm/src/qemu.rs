@@ -486,6 +486,23 @@ impl QemuVm {
         Ok(())
     }
 
+    /// `query-balloon`: the guest memory the balloon leaves it, in bytes.
+    pub async fn balloon_actual(&self) -> Result<u64, VmError> {
+        let v = self.qmp.execute("query-balloon", None).await?;
+        Ok(v.get("actual")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0))
+    }
+
+    /// `balloon`: asks the guest's balloon driver to leave it `target` bytes (inflating
+    /// gives the difference back to the host). Returns at once; the guest converges.
+    pub async fn set_balloon(&self, target: u64) -> Result<(), VmError> {
+        self.qmp
+            .execute("balloon", Some(serde_json::json!({"value": target})))
+            .await?;
+        Ok(())
+    }
+
     /// The last `lines` lines of the serial console.
     pub fn console_tail(&self, lines: usize) -> String {
         console_tail(&self.console_log(), lines)
