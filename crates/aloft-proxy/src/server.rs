@@ -92,6 +92,9 @@ pub struct ProxyConfig {
     /// Pending ACME challenges: `GET /.well-known/acme-challenge/{token}` is answered
     /// from them before routing (HTTP-01).
     pub acme_challenges: Option<Arc<crate::acme::Challenges>>,
+    /// Public ports served as TLS (then HTTP) even when no service names them with
+    /// `tls` (e.g. `aloft dev`'s HTTPS listener on 443).
+    pub tls_ports: Arc<[u16]>,
 }
 
 impl Default for ProxyConfig {
@@ -111,6 +114,7 @@ impl Default for ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             drain_idle_grace: Duration::from_secs(1),
             acme_challenges: None,
+            tls_ports: Arc::from(Vec::new()),
         }
     }
 }
@@ -211,10 +215,11 @@ pub async fn serve(
                 crate::metrics::connection_accepted();
                 let _ = stream.set_nodelay(true);
                 // tls / tcp: ports whose services name `tls` or no `http` handler.
-                if !crate::tcp::is_http_port(&shared.routes, l.public_port) {
+                let mode = crate::tcp::port_mode(&shared, l.public_port);
+                if mode != crate::tcp::PortMode::Http {
                     let (shared, stop, port) = (Arc::clone(&shared), stop.clone(), l.public_port);
                     tokio::spawn(async move {
-                        crate::tcp::serve_port(stream, peer, port, shared, stop).await;
+                        crate::tcp::serve_port(mode, stream, peer, port, shared, stop).await;
                         drop(permit);
                     });
                     continue;
@@ -528,7 +533,19 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
     let upgrade_to = upgrade
         .as_ref()
         .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
+    // h2_backend (gRPC): `te: trailers` is end-to-end in HTTP/2 and gRPC asks for it.
+    let h2_backend = svc
+        .ports
+        .iter()
+        .any(|p| p.port == ctx.public_port && p.h2_backend);
+    let te_trailers = h2_backend
+        && header_str(&parts.headers, &header::TE).is_some_and(|v| v.contains("trailers"));
     strip_hop_by_hop(&mut parts.headers);
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(proto) = upgrade_to {
         parts.headers.insert(header::UPGRADE, proto);
         parts
@@ -552,15 +569,28 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
     }
 
     // body.
-    let body = match read_body_start(body, ctx.shared.cfg.body_read_timeout).await {
-        Ok(b) => b,
-        Err(resp) => return finish(app, started, Some(&request_id), &method, resp),
+    let body = if h2_backend {
+        // Streamed as it comes (gRPC streams interleave requests and responses).
+        if body.is_end_stream() {
+            ReqBody::Empty
+        } else {
+            ReqBody::Stream {
+                prefix: None,
+                rest: body,
+            }
+        }
+    } else {
+        match read_body_start(body, ctx.shared.cfg.body_read_timeout).await {
+            Ok(b) => b,
+            Err(resp) => return finish(app, started, Some(&request_id), &method, resp),
+        }
     };
 
     // dispatch.
     let constraints = RequestConstraints {
         prefer_region,
         force_instance,
+        h2_backend,
     };
     let mut resp = dispatch(parts, body, upgrade, app, svc, constraints, &ctx.shared).await;
     let h = resp.headers_mut();
@@ -919,6 +949,8 @@ async fn read_body_start(
 struct RequestConstraints {
     prefer_region: Option<String>,
     force_instance: Option<String>,
+    /// Talk HTTP/2 to the machine (the port's `h2_backend`).
+    h2_backend: bool,
 }
 
 /// Where a machine's `fly-replay` response header sends the request next.
@@ -1015,6 +1047,72 @@ async fn dispatch(
         };
         let backend = Arc::clone(lease.backend());
         let failing_ms = cfg.failing_for.as_millis() as u64;
+        if rc.h2_backend {
+            // h2_backend: one shared h2c connection per machine; trailers pass through.
+            let authority = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("localhost")
+                .to_owned();
+            let head = Head {
+                method: &parts.method,
+                target: parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+                headers: &parts.headers,
+            };
+            let sender = match backend.h2.get(backend.addr, cfg.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Nothing was sent: another machine may take the request.
+                    tracing::info!(machine = %backend.machine_id, error = %e, "h2 connect failed; trying another machine");
+                    balance::mark_failing(&backend, failing_ms);
+                    last_error = e.to_string();
+                    tried.push(Arc::as_ptr(&backend) as usize);
+                    retrying = true;
+                    continue;
+                }
+            };
+            // A buffered body can be sent again; a streamed one goes once.
+            let send = match &mut body {
+                ReqBody::Empty => ReqBody::Empty,
+                ReqBody::Full(d) => ReqBody::Full(d.clone()),
+                ReqBody::Stream { .. } => std::mem::replace(&mut body, ReqBody::Empty),
+            };
+            match upstream::h2_request(
+                sender,
+                backend.addr,
+                &head,
+                &authority,
+                send,
+                cfg.response_timeout,
+            )
+            .await
+            {
+                Ok(r) => {
+                    let (rparts, rbody) = r.into_parts();
+                    let mut resp = Response::new(RespBody::Upstream(UpstreamBody::h2(
+                        rbody,
+                        backend.addr,
+                        lease,
+                    )));
+                    *resp.status_mut() = rparts.status;
+                    *resp.headers_mut() = rparts.headers;
+                    return resp;
+                }
+                Err(e) => {
+                    // The request (and any streamed body) went to this machine.
+                    tracing::info!(machine = %backend.machine_id, error = %e, "h2 exchange failed");
+                    if matches!(e, UpstreamError::ResponseTimeout { .. }) {
+                        return reply(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!("machine {} of app {}: {e}", backend.machine_id, app.name),
+                        );
+                    }
+                    last_error = format!("machine {}: {e}", backend.machine_id);
+                    break;
+                }
+            }
+        }
         let mut conn = match backend
             .pool
             .checkout(backend.addr, cfg.connect_timeout)

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::{self, Choice, Constraints, Lease};
 use crate::proxy_proto;
-use crate::routes::{AppRoute, Routes, ServiceRoute};
+use crate::routes::{AppRoute, ServiceRoute};
 use crate::server::Shared;
 
 /// What a listening port does with a connection.
@@ -75,26 +75,35 @@ pub(crate) fn port_modes(apps: &[AppRoute]) -> HashMap<u16, PortMode> {
     out
 }
 
-/// Is `port` served as plain HTTP by the table in force now?
-pub(crate) fn is_http_port(routes: &Routes, port: u16) -> bool {
-    routes.load().port_mode(port) == PortMode::Http
+/// The mode of public port `port` with the table in force now; `tls_ports` of the
+/// config turn HTTP ports (named so, or not named at all) into TLS ones.
+pub(crate) fn port_mode(shared: &Shared, port: u16) -> PortMode {
+    match shared.routes.load().port_mode(port) {
+        PortMode::Http if shared.cfg.tls_ports.contains(&port) => PortMode::Tls,
+        mode => mode,
+    }
 }
 
-/// Serve a connection accepted on a TLS or raw TCP port.
+/// Serve a connection accepted on a TLS or raw TCP port (`mode` as [`port_mode`]
+/// found it).
 pub(crate) async fn serve_port(
+    mode: PortMode,
     stream: TcpStream,
     peer: SocketAddr,
     public_port: u16,
     shared: Arc<Shared>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let table = shared.routes.load_full();
-    match table.port_mode(public_port) {
+    match mode {
         PortMode::Tls => {
-            drop(table);
             crate::tls::serve_tls(stream, peer, public_port, shared, stop).await;
         }
-        PortMode::Tcp { app } => {
+        PortMode::Tcp { .. } => {
+            // The app index is the fresh table's (it may have changed since accept).
+            let table = shared.routes.load_full();
+            let PortMode::Tcp { app } = table.port_mode(public_port) else {
+                return;
+            };
             let app = &table.apps()[app];
             let Some(svc) = app.service_for_port(public_port) else {
                 return;
@@ -103,8 +112,6 @@ pub(crate) async fn serve_port(
             relay(stream, peer, local, app, svc, public_port, &shared).await;
         }
         PortMode::Http => {
-            // The table changed between accept and here: serve as HTTP.
-            drop(table);
             let client = crate::tls::ClientStream::Tcp(stream);
             crate::server::serve_http_on(client, peer, public_port, shared, stop).await;
         }

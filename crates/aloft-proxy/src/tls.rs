@@ -172,6 +172,10 @@ impl Served {
 /// The certificates of each source; merged into [`Served`] on every change.
 #[derive(Debug, Default)]
 struct Sources {
+    /// Added one by one ([`Certs::insert_file`]: `--cert` flags, the dev CA); kept
+    /// across routes file reloads.
+    fixed: HashMap<String, Arc<CertifiedKey>>,
+    /// The routes file's `[[certs]]`, replaced on every reload.
     files: HashMap<String, Arc<CertifiedKey>>,
     /// By host name: the PEM it was parsed from (to skip re-parsing) and the key.
     catalog: HashMap<String, (String, Arc<CertifiedKey>)>,
@@ -296,8 +300,12 @@ impl Certs {
             Err(p) => p.into_inner(),
         };
         f(&mut s);
-        // Files first, the catalog over them (an operator's record wins).
-        let mut names = s.files.clone();
+        // Fixed ones first, the routes file over them, the catalog over both (an
+        // operator's record wins).
+        let mut names = s.fixed.clone();
+        for (h, k) in &s.files {
+            names.insert(h.clone(), Arc::clone(k));
+        }
         for (h, (_, k)) in &s.catalog {
             names.insert(h.clone(), Arc::clone(k));
         }
@@ -309,15 +317,16 @@ impl Certs {
         self.generation.send_modify(|g| *g += 1);
     }
 
-    /// Replace the certificates loaded from files (static routes, dev CA).
+    /// Replace the certificates of the routes file's `[[certs]]`.
     pub fn set_files(&self, certs: HashMap<String, Arc<CertifiedKey>>) {
         self.update(|s| s.files = certs);
     }
 
-    /// Add (or replace) one certificate as if it came from a file.
+    /// Add (or replace) one certificate that stays until the process ends (a
+    /// `--cert` flag, the dev CA's).
     pub fn insert_file(&self, hostname: &str, key: Arc<CertifiedKey>) {
         self.update(|s| {
-            s.files.insert(hostname.to_ascii_lowercase(), key);
+            s.fixed.insert(hostname.to_ascii_lowercase(), key);
         });
     }
 

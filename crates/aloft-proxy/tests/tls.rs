@@ -422,3 +422,26 @@ async fn routes_file_certificates_are_served() {
     assert!(msg.contains("*.files.test"), "{msg}");
     assert!(proxy.routes.certs().lookup("www.files.test").is_some());
 }
+
+#[tokio::test]
+async fn tls_ports_terminate_tls_on_ports_services_name_as_http() {
+    let backend = TestBackend::start("b1").await;
+    // The service names port 80 as plain HTTP; the config makes it a TLS port.
+    let spec = common::spec(5, 10, &[("m1", "local", backend.addr)]);
+    let proxy = TestProxy::start(spec, |c| c.tls_ports = Arc::from(vec![80])).await;
+    let ca = LocalCa::generate().unwrap();
+    let (pem, key) = ca.issue(&["web.test"]).unwrap();
+    proxy
+        .routes
+        .certs()
+        .insert_file("web.test", certified_key("web.test", &pem, &key).unwrap());
+    let s = handshake(
+        proxy.addr,
+        "web.test",
+        client_config(ca.cert_pem(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let resp = http1_get(s, "web.test").await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
