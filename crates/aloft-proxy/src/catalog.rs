@@ -90,6 +90,12 @@ pub fn spec_from_catalog(
                                         port: u16::try_from(p.port?).ok()?,
                                         handlers: p.handlers.clone(),
                                         force_https: p.force_https,
+                                        h2_backend: p
+                                            .http_options
+                                            .as_ref()
+                                            .and_then(|o| o.get("h2_backend"))
+                                            .and_then(serde_json::Value::as_bool)
+                                            .unwrap_or(false),
                                         proxy_proto_options: p.proxy_proto_options.as_ref().map(
                                             |o| crate::routes::ProxyProtoOptions {
                                                 version: o

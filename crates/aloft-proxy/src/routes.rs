@@ -90,6 +90,10 @@ pub struct PortSpec {
     pub handlers: Vec<String>,
     #[serde(default)]
     pub force_https: bool,
+    /// Talk HTTP/2 (h2c) to the machine (fly.toml `http_options.h2_backend`), as
+    /// gRPC needs; trailers pass through.
+    #[serde(default)]
+    pub h2_backend: bool,
     /// With the `proxy_proto` handler: `{ version = "v1" | "v2" }` (default v1).
     #[serde(default)]
     pub proxy_proto_options: Option<ProxyProtoOptions>,
@@ -182,6 +186,8 @@ pub struct Backend {
     /// When a request last ended (or the machine appeared), for autostop.
     pub(crate) last_active: AtomicU64,
     pub(crate) pool: Pool,
+    /// The shared HTTP/2 connection, for services with `h2_backend`.
+    pub(crate) h2: crate::upstream::H2Conn,
 }
 
 impl Backend {
@@ -194,6 +200,7 @@ impl Backend {
             failing_until: AtomicU64::new(0),
             last_active: AtomicU64::new(crate::clock::now_ms()),
             pool: Pool::new(),
+            h2: crate::upstream::H2Conn::default(),
         }
     }
 
@@ -220,6 +227,7 @@ pub struct PortRoute {
     pub port: u16,
     pub handlers: Vec<String>,
     pub force_https: bool,
+    pub h2_backend: bool,
     /// The PROXY protocol header written to the machine (raw TCP ports).
     pub proxy_proto: Option<crate::proxy_proto::Version>,
 }
@@ -451,6 +459,7 @@ impl RouteTable {
                         port: p.port,
                         handlers: p.handlers.clone(),
                         force_https: p.force_https,
+                        h2_backend: p.h2_backend,
                     });
                 }
 

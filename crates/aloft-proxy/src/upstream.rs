@@ -178,6 +178,103 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpConn, ConnectE
     })
 }
 
+/// The HTTP/2 (h2c) connection to one machine, shared by all requests to it (services
+/// with `h2_backend`, e.g. gRPC). A new one is made when it closes.
+#[derive(Debug, Default)]
+pub struct H2Conn {
+    sender: Mutex<Option<hyper::client::conn::http2::SendRequest<ReqBody>>>,
+}
+
+impl H2Conn {
+    /// The live connection to `addr`, or a new one.
+    pub(crate) async fn get(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<hyper::client::conn::http2::SendRequest<ReqBody>, ConnectError> {
+        {
+            let cur = self.sender.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = cur.as_ref().filter(|s| !s.is_closed()) {
+                return Ok(s.clone());
+            }
+        }
+        let conn = connect(addr, timeout).await?;
+        let handshake =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(conn.stream));
+        let (sender, driver) = match tokio::time::timeout(timeout, handshake).await {
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    addr,
+                    after: timeout,
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(ConnectError::Io {
+                    addr,
+                    source: io::Error::other(e),
+                });
+            }
+            Ok(Ok(x)) => x,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(%addr, error = %e, "h2 connection to machine ended");
+            }
+        });
+        *self.sender.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+/// Send one request over the HTTP/2 connection `sender` to `addr`; the response head
+/// comes back, its body (with trailers) streams.
+pub(crate) async fn h2_request(
+    mut sender: hyper::client::conn::http2::SendRequest<ReqBody>,
+    addr: SocketAddr,
+    head: &Head<'_>,
+    authority: &str,
+    body: ReqBody,
+    response_timeout: Duration,
+) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    let uri = http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(head.target)
+        .build()
+        .map_err(|e| UpstreamError::Malformed {
+            addr,
+            why: format!("request target: {e}"),
+        })?;
+    let mut req = http::Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_2;
+    let headers = req.headers_mut();
+    headers.reserve(head.headers.len());
+    for (name, value) in head.headers {
+        // HTTP/2 carries the host in :authority.
+        if name != header::HOST {
+            headers.append(name, value.clone());
+        }
+    }
+    let write_err = |e: hyper::Error| UpstreamError::Write {
+        addr,
+        source: io::Error::other(e),
+    };
+    if sender.ready().await.is_err() {
+        return Err(UpstreamError::ClosedEarly { addr });
+    }
+    match tokio::time::timeout(response_timeout, sender.send_request(req)).await {
+        Err(_) => Err(UpstreamError::ResponseTimeout {
+            addr,
+            after: response_timeout,
+        }),
+        Ok(Err(e)) => Err(write_err(e)),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
 /// The parts of a request that go upstream, borrowed so they can be sent again.
 pub(crate) struct Head<'a> {
     pub(crate) method: &'a Method,
@@ -501,6 +598,8 @@ pub struct UpstreamBody {
     keep_alive: bool,
     lease: Option<Lease>,
     machine: std::sync::Arc<str>,
+    /// An HTTP/2 response body from the machine (data and trailers pass through).
+    h2: Option<Box<(hyper::body::Incoming, SocketAddr)>>,
     /// The access log line, written when the body ends or is dropped.
     access: Option<Box<crate::metrics::AccessLog>>,
 }
@@ -521,12 +620,26 @@ impl UpstreamBody {
             keep_alive: plan.keep_alive,
             machine: std::sync::Arc::clone(&lease.backend().machine_id),
             lease: Some(lease),
+            h2: None,
             access: None,
         };
         if matches!(body.framing, Framing::Done) {
             body.finish();
         }
         body
+    }
+
+    /// A machine's HTTP/2 response body; the lease is held until it ends.
+    pub(crate) fn h2(body: hyper::body::Incoming, addr: SocketAddr, lease: Lease) -> Self {
+        UpstreamBody {
+            conn: None,
+            framing: Framing::Eof,
+            keep_alive: false,
+            machine: std::sync::Arc::clone(&lease.backend().machine_id),
+            lease: Some(lease),
+            h2: Some(Box::new((body, addr))),
+            access: None,
+        }
     }
 
     /// Attach the request's access log line; it counts the body bytes sent and is
@@ -688,6 +801,32 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
         let this = self.get_mut();
+        if let Some(h2) = this.h2.as_mut() {
+            let (body, addr) = &mut **h2;
+            return match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(None) => {
+                    this.framing = Framing::Done;
+                    this.lease = None;
+                    Poll::Ready(None)
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let (Some(a), Some(d)) = (this.access.as_mut(), frame.data_ref()) {
+                        a.bytes += d.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let err = UpstreamBodyError {
+                        addr: *addr,
+                        why: e.to_string(),
+                    };
+                    this.framing = Framing::Done;
+                    this.lease = None;
+                    Poll::Ready(Some(Err(err)))
+                }
+            };
+        }
         loop {
             match this.decode() {
                 Err(e) => return Poll::Ready(Some(Err(e))),
@@ -725,10 +864,18 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(h2) = &self.h2 {
+            let b = &h2.0;
+            return matches!(self.framing, Framing::Done) || b.is_end_stream();
+        }
         matches!(self.framing, Framing::Done)
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(h2) = &self.h2 {
+            let b = &h2.0;
+            return b.size_hint();
+        }
         match self.framing {
             Framing::Done => SizeHint::with_exact(0),
             Framing::Length(n) => SizeHint::with_exact(n),
