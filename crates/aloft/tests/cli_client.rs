@@ -658,7 +658,9 @@ impl AgentApi for FakeAgent {
                     code = n.parse().unwrap_or(2);
                     break;
                 } else if step == "size" {
-                    let _ = out_tx.send(ConsoleOutput::Stdout(format!("{rows} {cols}\n").into_bytes()));
+                    let _ = out_tx.send(ConsoleOutput::Stdout(
+                        format!("{rows} {cols}\n").into_bytes(),
+                    ));
                 } else if step == "cat" {
                     while let Some(input) = in_rx.recv().await {
                         match input {
@@ -1314,6 +1316,34 @@ fn scale_count_spreads_over_regions() {
     h.ok(&["scale", "memory", "1024"]);
     let ms = h.machines("web");
     assert_eq!(ms[0].config.guest.as_ref().unwrap().memory_mb, 1024);
+    // VM size (issue 8).
+    let v = h.json(&[
+        "scale",
+        "vm",
+        "performance-1x",
+        "--vm-memory",
+        "4096",
+        "--json",
+    ]);
+    assert_eq!(v["updated"].as_array().map(Vec::len), Some(1), "{v}");
+    let g = h.machines("web")[0].config.guest.clone().unwrap();
+    assert_eq!(
+        (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+        ("performance", 1, 4096)
+    );
+    h.ok(&["scale", "vm", "shared-cpu-2x"]);
+    let g = h.machines("web")[0].config.guest.clone().unwrap();
+    assert_eq!(
+        (g.cpu_kind.as_str(), g.cpus, g.memory_mb),
+        ("shared", 2, 512)
+    );
+    let out = h.aloft(&["scale", "vm", "shared-cpu-1x", "--vm-memory", "4096"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("does not fit shared-cpu-1x"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -1629,4 +1659,46 @@ fn logs_follow_prints_new_lines_as_they_come() {
     assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// `aloft ssh console` through the console WebSocket to the double's tiny shell.
+#[test]
+fn ssh_console_streams_and_returns_the_exit_code() {
+    let h = Harness::start(&[("h1", "ams")]);
+    h.ok(&["apps", "create", "web"]);
+    h.write("fly.toml", HEALTHY_TOML);
+    h.ok(&["deploy"]);
+    let out = h.aloft(&["ssh", "console", "-C", "echo hi; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    // No -C: the shell (`cat` here) gets our stdin until EOF.
+    let mut c = Command::new(env!("CARGO_BIN_EXE_aloft"))
+        .args(["ssh", "console"])
+        .current_dir(h.work())
+        .env_remove("ALOFT_APP")
+        .env("HOME", h.dir.path().join("home"))
+        .env("ALOFT_DATA_DIR", h.dir.path().join("data"))
+        .env("ALOFT_API_URL", &h.url)
+        .env("ALOFT_API_TOKEN", &h.token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(b"line one\nline two\n").unwrap();
+    }
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "line one\nline two\n");
+    // A bad machine id.
+    let out = h.aloft(&["ssh", "console", "--machine", "nope", "-C", "echo x"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("404") && stderr(&out).contains("nope"),
+        "{}",
+        stderr(&out)
+    );
 }

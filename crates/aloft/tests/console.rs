@@ -297,19 +297,29 @@ fn ssh_console_pipes_ptys_and_exit_codes() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
 
-    // The default shell reads the script from our stdin, streamed, then EOF.
-    let mut c = aloft_cmd(&data, &app_dir, &["ssh", "console", "--machine", &id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = c.stdin.take().unwrap();
-    stdin
-        .write_all(b"read line; echo got:$line\nmore input\necho done; exit 4\n")
-        .unwrap();
-    drop(stdin);
-    let out = c.wait_with_output().unwrap();
+    // Stdin is streamed: `read` takes the first line, `cat` the rest until our EOF.
+    let piped = |args: &[&str], input: &[u8]| {
+        let mut c = aloft_cmd(&data, &app_dir, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = c.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        drop(stdin);
+        c.wait_with_output().unwrap()
+    };
+    let big = "x".repeat(300_000);
+    let out = piped(
+        &[
+            "ssh",
+            "console",
+            "-C",
+            "read line; echo got:$line; cat; exit 4",
+        ],
+        format!("first line\n{big}\nlast\n").as_bytes(),
+    );
     assert_eq!(
         out.status.code(),
         Some(4),
@@ -318,8 +328,15 @@ fn ssh_console_pipes_ptys_and_exit_codes() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "got:more input\ndone\n"
+        format!("got:first line\n{big}\nlast\n")
     );
+    // Without -C the image's shell runs the script on our stdin.
+    let out = piped(
+        &["ssh", "console", "--machine", &id],
+        b"echo from-stdin; exit 7\n",
+    );
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-stdin\n");
 
     // A terminal: the command gets a pty of our size, and follows a resize.
     let (master, slave) = openpty(33, 101);
