@@ -7,6 +7,8 @@
 //! Each assignment is `ipassign/{app}/{ip}`; a dedicated address is also claimed as
 //! `ipclaims/{ip}`, both written in one compare-and-set batch, so two apps can never
 //! hold one address however they race. Destroying an app releases its addresses.
+//! Pools come from `ApiState::set_ip_pools`, else `<data_dir>/ip-pools.json`
+//! (`{"shared_v4": …, "v4": …, "v6": …, "private_v6": …}`, each optional).
 //! This module only books addresses: it does not configure interfaces or routes.
 
 use std::collections::HashSet;
@@ -93,11 +95,52 @@ impl IpPools {
     }
 }
 
+/// `<data_dir>/ip-pools.json`: any of the pools, as text; the rest keep their defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolsFile {
+    shared_v4: Option<String>,
+    v4: Option<String>,
+    v6: Option<String>,
+    private_v6: Option<String>,
+}
+
+impl IpPools {
+    /// The pools `<dir>/ip-pools.json` names (defaults for those it leaves out), or
+    /// the defaults when there is no such file.
+    pub fn from_data_dir(dir: &std::path::Path) -> Result<IpPools, IpError> {
+        let path = dir.join("ip-pools.json");
+        let bad = |message: String| IpError::PoolsFile {
+            path: path.clone(),
+            message,
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(IpPools::default()),
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let f: PoolsFile = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let d = IpPools::default();
+        IpPools::parse(
+            &f.shared_v4.unwrap_or_else(|| d.shared_v4.to_string()),
+            &f.v4.unwrap_or_else(|| d.v4.to_string()),
+            &f.v6.unwrap_or_else(|| d.v6.to_string()),
+            &f.private_v6.unwrap_or_else(|| d.private_v6.to_string()),
+        )
+        .map_err(|e| bad(e.to_string()))
+    }
+}
+
 /// Errors of IP assignment; each names the app, address or field it failed on.
 #[derive(Debug, thiserror::Error)]
 pub enum IpError {
     #[error("invalid IP pool {pool}: {text:?} (a v4 pool needs at most /30, a v6 one /124)")]
     BadPool { pool: &'static str, text: String },
+    #[error("IP pools file {path}: {message}")]
+    PoolsFile {
+        path: std::path::PathBuf,
+        message: String,
+    },
     #[error("invalid field `type`: {0:?} is not one of v4, shared_v4, v6, private_v6")]
     BadType(String),
     #[error("invalid field `{field}`: {reason}")]
@@ -132,7 +175,9 @@ impl From<IpError> for ApiError {
             IpError::AlreadyAssigned { .. } => ApiError::Conflict(e.to_string()),
             IpError::Exhausted { .. } => ApiError::Capacity(e.to_string()),
             IpError::Store(s) => s.into(),
-            IpError::BadPool { .. } | IpError::Record { .. } => ApiError::Internal(e.to_string()),
+            IpError::BadPool { .. } | IpError::PoolsFile { .. } | IpError::Record { .. } => {
+                ApiError::Internal(e.to_string())
+            }
         }
     }
 }
@@ -283,7 +328,7 @@ pub async fn assign(
     service_name: String,
     network: String,
 ) -> Result<IpRecord, IpError> {
-    let pools = state.ip_pools().clone();
+    let pools = state.ip_pools()?.clone();
     for _ in 0..32 {
         let ip = match kind {
             IpKind::SharedV4 => IpAddr::V4(pools.shared_v4),
@@ -502,6 +547,25 @@ mod tests {
             panic!()
         };
         assert!(tiny.contains(&a) && u128::from(a) >= 2);
+    }
+
+    #[test]
+    fn pools_file_overrides_defaults_and_bad_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            IpPools::from_data_dir(dir.path()).unwrap(),
+            IpPools::default()
+        );
+        let path = dir.path().join("ip-pools.json");
+        std::fs::write(&path, r#"{"v4": "172.30.0.0/24"}"#).unwrap();
+        let p = IpPools::from_data_dir(dir.path()).unwrap();
+        assert_eq!(p.v4.to_string(), "172.30.0.0/24");
+        assert_eq!(p.v6, IpPools::default().v6);
+        std::fs::write(&path, r#"{"v4": "nope"}"#).unwrap();
+        let e = IpPools::from_data_dir(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("ip-pools.json") && e.contains("nope"), "{e}");
+        std::fs::write(&path, r#"{"v7": "x"}"#).unwrap();
+        assert!(IpPools::from_data_dir(dir.path()).is_err());
     }
 
     #[test]

@@ -116,9 +116,14 @@ impl ApiState {
         self.inner.ip_pools.set(pools)
     }
 
-    /// The IP pools in force ([`ips::IpPools::default`] unless set).
-    pub fn ip_pools(&self) -> &ips::IpPools {
-        self.inner.ip_pools.get_or_init(ips::IpPools::default)
+    /// The IP pools in force: those set with [`ApiState::set_ip_pools`], else
+    /// `<data_dir>/ip-pools.json` when present, else [`ips::IpPools::default`].
+    pub fn ip_pools(&self) -> Result<&ips::IpPools, ips::IpError> {
+        if let Some(p) = self.inner.ip_pools.get() {
+            return Ok(p);
+        }
+        let loaded = ips::IpPools::from_data_dir(&self.inner.data_dir)?;
+        Ok(self.inner.ip_pools.get_or_init(|| loaded))
     }
 
     /// The secrets encryption key, loaded (or created) on first use.

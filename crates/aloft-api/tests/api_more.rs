@@ -608,6 +608,42 @@ async fn ip_pools_are_configurable_and_exhaustion_is_a_4xx() {
 }
 
 #[tokio::test]
+async fn ip_pools_come_from_the_data_directory() {
+    let t = TestApi::start(&[("h1", "ams")]).await;
+    std::fs::write(
+        t.dir.path().join("ip-pools.json"),
+        r#"{"shared_v4": "203.0.113.9", "v4": "172.30.5.0/29"}"#,
+    )
+    .unwrap();
+    t.create_app("filepool").await;
+    let a = &t.admin;
+    let r = post(
+        &t,
+        "/v1/apps/filepool/ip_assignments",
+        a,
+        json!({"type": "shared_v4"}),
+    )
+    .await;
+    assert_eq!(r.body["ip"], "203.0.113.9", "{}", r.body);
+    let r = post(
+        &t,
+        "/v1/apps/filepool/ip_assignments",
+        a,
+        json!({"type": "v4"}),
+    )
+    .await;
+    assert_eq!(r.body["ip"], "172.30.5.1", "{}", r.body);
+    let r = post(
+        &t,
+        "/v1/apps/filepool/ip_assignments",
+        a,
+        json!({"type": "v6"}),
+    )
+    .await;
+    assert!(r.body["ip"].as_str().unwrap().starts_with("2001:db8:a10f:"));
+}
+
+#[tokio::test]
 async fn org_volumes_list_every_app_the_token_sees() {
     let t = TestApi::start(&[("h1", "ams"), ("h2", "syd")]).await;
     t.create_app("va").await;
