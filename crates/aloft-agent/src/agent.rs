@@ -1182,6 +1182,10 @@ impl Agent {
                     // Still running: keep it, never restart it. A guest still booting
                     // gets the whole boot time to answer.
                     let vm: Arc<dyn Vm> = Arc::from(vm);
+                    // A volume snapshot cut short by the crash may have left it paused.
+                    if vm.status().await.is_ok_and(|s| s == "paused") {
+                        let _ = vm.resume().await;
+                    }
                     let wait = if m.state == MachineState::Starting {
                         BOOT_TIMEOUT
                     } else {

@@ -213,9 +213,12 @@ pub fn to_machine_config(
             tls_skip_verify: check.tls_skip_verify,
             tls_server_name: check.tls_server_name.clone(),
             headers: headers(&check.headers),
+            command: check.command.clone(),
+            failure_threshold: check.failure_threshold,
+            unhealthy: check.unhealthy.clone(),
             ..Default::default()
         };
-        if mc.port.is_none() {
+        if mc.port.is_none() && mc.kind.as_deref() != Some("exec") {
             match &c.http_service {
                 Some(hs) => mc.port = Some(hs.internal_port),
                 None => {
@@ -466,4 +469,58 @@ fn merge_machine_config(m: &mut MachineConfig, json: &str) -> Result<(), GroupEr
         m.dns = None;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod exec_check_tests {
+    use crate::appconfig::{ConfigError, parse, to_machine_config};
+
+    #[test]
+    fn exec_checks_reach_the_machine_config() {
+        let src = r#"
+app = "exec"
+[checks.alive]
+type = "exec"
+command = ["cat", "/tmp/healthy"]
+interval = "5s"
+failure_threshold = 2
+unhealthy = "restart"
+"#;
+        let loaded = parse(src, "fly.toml").unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let m = to_machine_config(&loaded.config, None).unwrap();
+        let c = &m.checks["alive"];
+        assert_eq!(c.kind.as_deref(), Some("exec"));
+        assert_eq!(c.command, ["cat", "/tmp/healthy"]);
+        assert_eq!(
+            (c.failure_threshold, c.unhealthy.as_deref()),
+            (Some(2), Some("restart"))
+        );
+        assert_eq!(c.port, None, "no http_service port is needed");
+    }
+
+    #[test]
+    fn exec_checks_are_validated() {
+        let src = r#"
+app = "exec"
+[checks.nocmd]
+type = "exec"
+[checks.odd]
+type = "exec"
+command = ["true"]
+unhealthy = "reboot"
+failure_threshold = 0
+"#;
+        let Err(ConfigError::Invalid { errors, .. }) = parse(src, "fly.toml") else {
+            panic!("accepted");
+        };
+        let keys: Vec<&str> = errors.iter().map(|d| d.key.as_str()).collect();
+        for k in [
+            "checks.nocmd.command",
+            "checks.odd.unhealthy",
+            "checks.odd.failure_threshold",
+        ] {
+            assert!(keys.contains(&k), "{k} not in {errors:?}");
+        }
+    }
 }

@@ -300,6 +300,10 @@ pub(crate) const TOPLEVEL_CHECK: &[Field] = &[
     f("tls_server_name", Ty::Str),
     f("headers", Ty::Headers),
     f("processes", STRINGS),
+    // Aloft: command checks and restart on failure.
+    f("command", STRINGS),
+    f("failure_threshold", Ty::Int),
+    f("unhealthy", Ty::Str),
 ];
 
 const COMPUTE: &[Field] = &[

@@ -84,16 +84,41 @@ pub(crate) fn validate(cfg: &AppConfig, spans: &SpanIndex, w: &mut Walker<'_>) {
         let path = format!("checks.{name}");
         match check.kind.as_deref() {
             Some("http" | "tcp") => {}
+            // Aloft: a command run in the guest.
+            Some("exec") if check.command.is_empty() => report(
+                err,
+                &format!("{path}.command"),
+                "an exec check needs a command, e.g. [\"cat\", \"/tmp/healthy\"]".into(),
+            ),
+            Some("exec") => {}
             Some(other) => report(
                 err,
                 &format!("{path}.type"),
-                format!("invalid check type {other:?}, must be \"http\" or \"tcp\""),
+                format!("invalid check type {other:?}, must be \"http\", \"tcp\" or \"exec\""),
             ),
             None => report(
                 err,
                 &path,
-                "missing check type, must be \"http\" or \"tcp\"".into(),
+                "missing check type, must be \"http\", \"tcp\" or \"exec\"".into(),
             ),
+        }
+        if let Some(u) = check.unhealthy.as_deref()
+            && u != crate::machine::UNHEALTHY_RESTART
+        {
+            report(
+                err,
+                &format!("{path}.unhealthy"),
+                format!("invalid value {u:?}, the only action is \"restart\""),
+            );
+        }
+        if let Some(n) = check.failure_threshold
+            && !(1..=100).contains(&n)
+        {
+            report(
+                err,
+                &format!("{path}.failure_threshold"),
+                format!("{n} is not between 1 and 100"),
+            );
         }
         if let Some(d) = parsed(&check.interval)
             && d < Duration::from_secs(2)
