@@ -380,23 +380,27 @@ pub struct AcmeWorker {
     store: Arc<dyn Store>,
     cfg: AcmeConfig,
     challenges: Option<Arc<Challenges>>,
+    tls: Option<Arc<crate::tls::Certs>>,
     account: tokio::sync::Mutex<Option<Account>>,
     /// Hostnames this worker is issuing now.
     busy: Mutex<HashSet<String>>,
 }
 
 impl AcmeWorker {
-    /// A worker over the catalog. `challenges` is this proxy's followed set, if it
-    /// runs one: challenges are then made ready only once it can answer them.
+    /// A worker over the catalog. `challenges` (HTTP-01) and `tls` (TLS-ALPN-01) are
+    /// this proxy's followed sets, if it runs them: a challenge is made ready only once
+    /// this proxy can answer it.
     pub fn new(
         store: Arc<dyn Store>,
         cfg: AcmeConfig,
         challenges: Option<Arc<Challenges>>,
+        tls: Option<Arc<crate::tls::Certs>>,
     ) -> Arc<Self> {
         Arc::new(AcmeWorker {
             store,
             cfg,
             challenges,
+            tls,
             account: tokio::sync::Mutex::new(None),
             busy: Mutex::new(HashSet::new()),
         })
@@ -716,7 +720,7 @@ impl AcmeWorker {
             })?;
             self.store.put(&key, value).await.map_err(store_err(&key))?;
             tokens.push(token.clone());
-            self.wait_answerable(&token).await;
+            self.wait_answerable(&rec).await;
             ch.set_ready().await.map_err(acme("challenge ready"))?;
         }
 
@@ -793,13 +797,17 @@ impl AcmeWorker {
 
     /// Waits (briefly) until this proxy's followed set holds `token`, so that the CA's
     /// first request finds it.
-    async fn wait_answerable(&self, token: &str) {
-        let Some(ch) = &self.challenges else {
-            return;
+    async fn wait_answerable(&self, c: &AcmeChallengeRecord) {
+        let answerable = || match c.kind {
+            AcmeChallengeKind::Http01 => self.challenges.as_ref().is_none_or(|ch| ch.has(&c.token)),
+            AcmeChallengeKind::TlsAlpn01 => self
+                .tls
+                .as_ref()
+                .is_none_or(|t| t.has_challenge(&c.hostname)),
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         let mut delay = Duration::from_millis(1);
-        while !ch.has(token) && tokio::time::Instant::now() < deadline {
+        while !answerable() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(50));
         }
@@ -836,6 +844,21 @@ impl AcmeWorker {
             delay = (delay * 2).min(self.cfg.max_poll_delay);
         }
     }
+}
+
+/// Runs ACME for one proxy until the process ends: follows the challenges (returned,
+/// for [`crate::ProxyConfig::acme_challenges`]) and runs the worker. `tls` is the
+/// proxy's certificate set when it has a TLS listener (TLS-ALPN-01 answers come from it).
+pub fn start(
+    store: Arc<dyn Store>,
+    cfg: AcmeConfig,
+    tls: Option<Arc<crate::tls::Certs>>,
+) -> Arc<Challenges> {
+    let challenges = Challenges::new(Arc::clone(&store));
+    tokio::spawn(Arc::clone(&challenges).follow());
+    let worker = AcmeWorker::new(store, cfg, Some(Arc::clone(&challenges)), tls);
+    tokio::spawn(worker.run(std::future::pending()));
+    challenges
 }
 
 /// What one order produced.

@@ -56,6 +56,8 @@ enum Command {
     Scale(cmd::scale::ScaleArgs),
     /// Manage the app's secrets.
     Secrets(cmd::secrets::SecretsArgs),
+    /// Manage the app's TLS certificates (ACME-issued or uploaded).
+    Certs(cmd::certs::CertsArgs),
     /// Open a shell or run a command in one of the app's machines.
     Ssh(cmd::ssh::SshArgs),
     /// Manage the app's volumes.
@@ -95,6 +97,7 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::status::run(a, &data_dir),
         Command::Scale(a) => cmd::scale::run(a, &data_dir),
         Command::Secrets(a) => cmd::secrets::run(a, &data_dir),
+        Command::Certs(a) => cmd::certs::run(a, &data_dir),
         Command::Ssh(a) => cmd::ssh::run(a, &data_dir),
         Command::Volumes(a) => cmd::volumes::run(a, &data_dir),
         Command::Auth(c) => cmd::auth::run(c, &data_dir),

@@ -63,6 +63,9 @@ pub struct DevArgs {
     /// organisation isolation).
     #[arg(long, default_value = "user")]
     pub network: String,
+    /// ACME: every region's proxy issues and renews the catalog's ACME certificates.
+    #[command(flatten)]
+    pub acme: super::certs::AcmeArgs,
 }
 
 /// Finds the static guest init: `ALOFT_INIT_BIN`, then the musl build directories of
@@ -254,6 +257,14 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
             args.autostop_idle,
         ));
         let tls_listener = dev_tls_listener(&args, i, &routes, &store, &root).await?;
+        // acme: each region's proxy runs a worker; one claims each hostname.
+        let acme_challenges = args.acme.config()?.map(|cfg| {
+            aloft_proxy::acme::start(
+                store.clone(),
+                cfg,
+                tls_listener.as_ref().map(|_| Arc::clone(routes.certs())),
+            )
+        });
         if let Some(l) = &tls_listener {
             tls_addrs.push((region.clone(), l.listener.local_addr()?));
         }
@@ -272,6 +283,7 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
             routes,
             ProxyConfig {
                 tls_ports: Arc::from(vec![443]),
+                acme_challenges,
                 ..ProxyConfig::default()
             },
             async move {

@@ -2,6 +2,7 @@
 
 pub mod apps;
 pub mod auth;
+pub mod certs;
 pub mod client;
 pub mod common;
 pub mod config;

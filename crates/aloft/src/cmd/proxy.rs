@@ -59,6 +59,10 @@ pub struct ProxyArgs {
     /// `tls`. Repeatable.
     #[arg(long = "tls-port", value_name = "PORT")]
     pub tls_ports: Vec<u16>,
+    /// ACME: certificates of the catalog (`<data-dir>`'s SQLite catalog) issued and
+    /// renewed by this proxy, served with the catalog's other certificates.
+    #[command(flatten)]
+    pub acme: super::certs::AcmeArgs,
 }
 
 fn parse_listen(s: &str) -> Result<(SocketAddr, Option<u16>)> {
@@ -78,7 +82,11 @@ fn parse_listen(s: &str) -> Result<(SocketAddr, Option<u16>)> {
     Ok((addr, port))
 }
 
-pub fn run(args: ProxyArgs, _data_dir: &DataDir) -> Result<ExitCode> {
+pub fn run(args: ProxyArgs, data_dir: &DataDir) -> Result<ExitCode> {
+    let acme = args
+        .acme
+        .config()?
+        .map(|cfg| (cfg, data_dir.catalog_db()));
     let listens = args
         .listen
         .iter()
@@ -110,13 +118,14 @@ pub fn run(args: ProxyArgs, _data_dir: &DataDir) -> Result<ExitCode> {
         rt.worker_threads(n);
     }
     let rt = rt.build().context("cannot start the async runtime")?;
-    rt.block_on(serve(args, listens, routes))
+    rt.block_on(serve(args, listens, routes, acme))
 }
 
 async fn serve(
     args: ProxyArgs,
     listens: Vec<(SocketAddr, Option<u16>)>,
     routes: Arc<Routes>,
+    acme: Option<(aloft_proxy::acme::AcmeConfig, std::path::PathBuf)>,
 ) -> Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
 
@@ -198,6 +207,31 @@ async fn serve(
         }
     });
 
+    // acme: issue and renew the catalog's certificates; serve them and the challenges.
+    let acme_challenges = match acme {
+        Some((acme_cfg, db)) => {
+            let store: Arc<dyn aloft_store::Store> = Arc::new(
+                aloft_store::SqliteStore::open(&db)
+                    .await
+                    .with_context(|| format!("cannot open the catalog {}", db.display()))?,
+            );
+            tokio::spawn(aloft_proxy::tls::follow_certs(
+                store.clone(),
+                Arc::clone(routes.certs()),
+            ));
+            println!(
+                "aloft proxy: ACME certificates from {} ({})",
+                acme_cfg.directory_url,
+                db.display()
+            );
+            Some(aloft_proxy::acme::start(
+                store,
+                acme_cfg,
+                Some(Arc::clone(routes.certs())),
+            ))
+        }
+        None => None,
+    };
     let cfg = ProxyConfig {
         header_read_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
         max_header_bytes: args.max_header_bytes,
@@ -205,6 +239,7 @@ async fn serve(
         queue_timeout: Duration::from_millis(args.queue_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         tls_ports: Arc::from(args.tls_ports.clone()),
+        acme_challenges,
         ..ProxyConfig::default()
     };
     let mut quit = signal(SignalKind::quit()).context("cannot watch SIGQUIT")?;
