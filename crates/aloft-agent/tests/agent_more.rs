@@ -262,7 +262,9 @@ async fn checks_ps_memory_snapshots_cordon_and_unhealthy_restart() {
     assert_eq!(published.machine.checks[0].status, "passing");
 
     // 2. ps: init and the app, with the app's listening socket.
+    let t0 = std::time::Instant::now();
     let ps = a.machine_ps(APP, &id).await.unwrap();
+    eprintln!("figure: ps of {} processes in {:?}", ps.len(), t0.elapsed());
     assert!(ps.iter().any(|p| p.pid == 1), "{ps:#?}");
     let httpd = ps
         .iter()
@@ -284,7 +286,12 @@ async fn checks_ps_memory_snapshots_cordon_and_unhealthy_restart() {
     let mem = a.get_memory(APP, &id).await.unwrap();
     assert_eq!(mem.limit_mb, 128, "{mem:?}");
     assert!(mem.available_mb > 0 && mem.available_mb < 128, "{mem:?}");
+    let t0 = std::time::Instant::now();
     let reclaimed = a.reclaim_memory(APP, &id, 32).await.unwrap();
+    eprintln!(
+        "figure: reclaimed {reclaimed} of 32 MB in {:?}",
+        t0.elapsed()
+    );
     assert!((16..=32).contains(&reclaimed), "reclaimed {reclaimed} MB");
     assert_eq!(a.get_memory(APP, &id).await.unwrap().limit_mb, 128);
     let limited = a.set_memory_limit(APP, &id, 96).await.unwrap();
@@ -302,7 +309,13 @@ async fn checks_ps_memory_snapshots_cordon_and_unhealthy_restart() {
     sh(&a, &id, "echo v1 > /data/f && sync").await;
     let pid_before =
         std::fs::read_to_string(data.join("machines").join(&id).join("qemu.pid")).unwrap();
+    let t0 = std::time::Instant::now();
     let snap = a.create_volume_snapshot(APP, &vol.id).await.unwrap();
+    eprintln!(
+        "figure: snapshot of a 1 GiB volume ({} bytes used) in {:?}",
+        snap.size,
+        t0.elapsed()
+    );
     assert_eq!(snap.status, "created");
     assert_eq!(snap.volume_size, 1 << 30);
     assert!(
