@@ -30,7 +30,7 @@ pub mod tcp;
 pub mod tls;
 pub mod upstream;
 
-pub use balance::Lease;
+pub use balance::{LatencyMatrix, LatencyMatrixError, Lease};
 pub use routes::{MachineStarter, RouteTable, RouteTableError, Routes, RoutesSpec};
 pub use server::{Listener, ProxyConfig, ServeReport, serve};
 pub use static_routes::{RoutesFileError, load_routes_file, read_routes_file};

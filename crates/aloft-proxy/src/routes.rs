@@ -583,6 +583,8 @@ pub struct Routes {
     /// Woken on every new table (autostart waits on it).
     pub(crate) changed: tokio::sync::Notify,
     starter: std::sync::OnceLock<Arc<dyn MachineStarter>>,
+    /// The RTT table, and whether cross-region forwards wait for it (`aloft dev`).
+    latency: std::sync::OnceLock<(Arc<crate::LatencyMatrix>, bool)>,
     /// Certificates served by SNI on TLS ports (catalog, files, dev CA).
     certs: Arc<crate::tls::Certs>,
     /// Apps with an autostart in flight, and the last autostart failure per app.
@@ -605,6 +607,7 @@ impl Routes {
             current: ArcSwap::from_pointee(RouteTable::default()),
             changed: tokio::sync::Notify::new(),
             starter: std::sync::OnceLock::new(),
+            latency: std::sync::OnceLock::new(),
             certs: Arc::new(crate::tls::Certs::new()),
             starting: std::sync::Mutex::new(HashMap::new()),
         }
@@ -624,8 +627,39 @@ impl Routes {
         self.starter.get()
     }
 
+    /// Order other regions by `matrix` (nearest first) whenever a spec names no
+    /// `region_order`; with `inject`, every request forwarded to another region first
+    /// waits for the pair's round trip (simulated regions in `aloft dev`).
+    pub fn set_latency(&self, matrix: crate::LatencyMatrix, inject: bool) {
+        let _ = self.latency.set((Arc::new(matrix), inject));
+    }
+
+    /// The simulated round trip to pay before forwarding to a machine in `region`.
+    pub(crate) fn cross_region_delay(&self, region: &str) -> Option<std::time::Duration> {
+        let (m, inject) = self.latency.get()?;
+        if !*inject || region == self.region {
+            return None;
+        }
+        Some(m.rtt(&self.region, region)).filter(|d| !d.is_zero())
+    }
+
     /// Build a table from `spec` and publish it; on error the current table stays.
     pub fn update(&self, spec: &RoutesSpec) -> Result<(), RouteTableError> {
+        let ordered;
+        let spec = match self.latency.get() {
+            Some((m, _)) if spec.region_order.is_empty() => {
+                let regions = spec
+                    .apps
+                    .iter()
+                    .flat_map(|a| a.machines.iter().map(|m| m.region.as_str()));
+                ordered = RoutesSpec {
+                    region_order: m.order(&self.region, regions),
+                    ..spec.clone()
+                };
+                &ordered
+            }
+            _ => spec,
+        };
         let prev = self.current.load();
         let table = RouteTable::build(spec, &self.region, Some(&prev))?;
         self.current.store(Arc::new(table));

@@ -1047,6 +1047,10 @@ async fn dispatch(
         };
         let backend = Arc::clone(lease.backend());
         let failing_ms = cfg.failing_for.as_millis() as u64;
+        // region latency (`aloft dev`): a forward to another region pays its round trip.
+        if let Some(d) = shared.routes.cross_region_delay(&backend.region) {
+            tokio::time::sleep(d).await;
+        }
         if rc.h2_backend {
             // h2_backend: one shared h2c connection per machine; trailers pass through.
             let authority = parts

@@ -520,3 +520,74 @@ state = "started"
     );
     let _ = third.child.start_kill();
 }
+
+#[tokio::test]
+async fn region_latency_orders_regions_and_delays_cross_region_forwards() {
+    use std::time::{Duration, Instant};
+    // The proxy is in ams, which has no machine. By the matrix syd is nearer than iad
+    // (on purpose, against geography), so syd is tried first, iad when syd is full.
+    let syd = TestBackend::start("syd").await;
+    let iad = TestBackend::start("iad").await;
+    let mut s = spec(
+        1,
+        1,
+        &[("m-iad", "iad", iad.addr), ("m-syd", "syd", syd.addr)],
+    );
+    s.apps[0].name = "ops-latency".into();
+    let routes = Arc::new(aloft_proxy::Routes::new("ams"));
+    let matrix = aloft_proxy::LatencyMatrix::parse("ams-syd=40ms,ams-iad=150ms").unwrap();
+    routes.set_latency(matrix, true);
+    routes.update(&s).unwrap();
+    let table = routes.load_full();
+    let groups: Vec<&str> = table.apps()[0].services[0]
+        .groups
+        .iter()
+        .map(|g| &*g.region)
+        .collect();
+    assert_eq!(groups, ["syd", "iad"], "nearest region first by the matrix");
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(aloft_proxy::serve(
+        vec![aloft_proxy::Listener {
+            listener,
+            public_port: 80,
+        }],
+        Arc::clone(&routes),
+        aloft_proxy::ProxyConfig::default(),
+        std::future::pending(),
+    ));
+
+    let mut c = Client::connect(addr).await;
+    let t0 = Instant::now();
+    let got = c.get("/", &[]).await;
+    let took = t0.elapsed();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, "syd", "nearest region with capacity");
+    assert!(
+        took >= Duration::from_millis(40),
+        "the ams-syd round trip is injected: took {took:?}"
+    );
+
+    // syd at its hard limit (one request held): the next request goes to iad and
+    // pays the longer round trip.
+    syd.close_gate();
+    let mut held = Client::connect(addr).await;
+    let pending = tokio::spawn(async move { held.get("/held", &[]).await });
+    let mut active = syd.active();
+    wait_for(&mut active, "a request held in syd", |n| *n == 1).await;
+    let t0 = Instant::now();
+    let got = c.get("/", &[]).await;
+    let took = t0.elapsed();
+    assert_eq!(got.body, "iad", "next-closest region when syd is full");
+    assert!(
+        took >= Duration::from_millis(150),
+        "the ams-iad round trip is injected: took {took:?}"
+    );
+    syd.open();
+    let held = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.body, "syd");
+}

@@ -39,6 +39,12 @@ pub struct DevArgs {
     /// Simulated regions, one agent and one proxy each.
     #[arg(long, value_delimiter = ',', default_value = "local")]
     pub regions: Vec<String>,
+    /// Simulated round trips between regions: `ams-iad=80ms,iad-syd=200ms`, or
+    /// `@FILE` with such pairs (one per line). Unlisted pairs of Fly regions are
+    /// estimated from geography. The proxy orders next-closest regions by it and
+    /// delays every cross-region forward by it; `off` injects no delay.
+    #[arg(long, default_value = "")]
+    pub region_latency: String,
     /// Memory machines may commit on each simulated host (MB).
     #[arg(long, default_value_t = 8192)]
     pub memory_mb: u64,
@@ -230,6 +236,15 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
             .await
     });
 
+    let inject_latency = args.region_latency != "off";
+    let latency_text = match args.region_latency.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("--region-latency: cannot read {path}"))?,
+        None if inject_latency => args.region_latency.clone(),
+        None => String::new(),
+    };
+    let latency = aloft_proxy::LatencyMatrix::parse(&latency_text)
+        .context("--region-latency")?;
     let mut proxy_tasks = Vec::new();
     let mut proxy_addrs = Vec::new();
     let mut tls_addrs = Vec::new();
@@ -245,12 +260,13 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
         routes.set_starter(Arc::new(AgentStarter {
             agents: agent_apis_for_proxy.clone(),
         }));
-        let order: Vec<String> = regions.iter().filter(|r| *r != region).cloned().collect();
+        // region latency: the RTT table orders the other regions (empty order here).
+        routes.set_latency(latency.clone(), inject_latency);
         tokio::spawn(aloft_proxy::catalog::follow_catalog(
             store.clone(),
             routes.clone(),
             args.host_suffix.clone(),
-            order,
+            Vec::new(),
         ));
         tokio::spawn(aloft_proxy::catalog::autostop(
             routes.clone(),
@@ -331,6 +347,15 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  metrics: http://{metrics_addr}/metrics");
+    for (i, a) in regions.iter().enumerate() {
+        for b in &regions[i + 1..] {
+            println!(
+                "  latency: {a}-{b} {:?}{}",
+                latency.rtt(a, b),
+                if inject_latency { " (injected)" } else { "" }
+            );
+        }
+    }
     for (region, addr) in &tls_addrs {
         println!(
             "  proxy:  https://{addr}  region {region}  (CA: {})",
