@@ -190,7 +190,7 @@ pub(crate) fn mark_failing(b: &Backend, for_ms: u64) {
 ///
 /// Pairs set explicitly win; other pairs of known Fly regions get an estimate from
 /// their great-circle distance (light in fibre, ~200 km/ms, on a path 1.5× the straight
-/// line, plus 2 ms), which lands near measured inter-region RTTs (ams–iad ≈ 85 ms,
+/// line, plus 2 ms), which lands near measured inter-region RTTs (ams–iad ≈ 95 ms,
 /// iad–syd ≈ 235 ms); pairs involving an unknown region get [`LatencyMatrix::UNKNOWN`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LatencyMatrix {
