@@ -23,9 +23,10 @@ use std::sync::Arc;
 
 use aloft_agent::api::{ConsoleInput, ConsoleOutput, ConsoleRequest, ConsoleSession};
 use axum::Extension;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Principal, Role};
@@ -99,7 +100,7 @@ pub async fn console(
     Path((app, id)): Path<(String, String)>,
     principal: Option<Extension<Arc<Principal>>>,
     Query(q): Query<ConsoleQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let role = principal.map(|Extension(p)| p.role);
     if role.is_none_or(|r| r < Role::Deploy) {
@@ -107,6 +108,11 @@ pub async fn console(
             "token role {role:?} may not open a console on app {app:?} (needs Deploy)"
         )));
     }
+    // Not a WebSocket request: refuse before anything runs in the machine.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     let agent = machine_agent(&state, &app, &id).await?;
     let session = agent.console(&app, &id, q.request()).await?;
     tracing::info!(app = %app, machine = %id, pid = session.pid, tty = q.tty, "console opened");
@@ -213,5 +219,64 @@ mod tests {
                 signal: None
             }
         );
+    }
+
+    /// The role check happens in the handler (the middleware lets any token GET):
+    /// a read-only token is refused, a deploy token gets past it to the upgrade.
+    #[tokio::test]
+    async fn console_needs_a_deploy_token() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = aloft_store::SqliteStore::open(dir.path().join("catalog.db"))
+            .await
+            .unwrap();
+        let state = ApiState::new(Arc::new(store), Vec::new(), dir.path())
+            .await
+            .unwrap();
+        let token = |role| {
+            let state = state.clone();
+            async move {
+                crate::create_token(&state, "t", "personal", None, role)
+                    .await
+                    .unwrap()
+                    .token
+            }
+        };
+        let (admin, deploy, ro) = (
+            token(Role::Admin).await,
+            token(Role::Deploy).await,
+            token(Role::Readonly).await,
+        );
+        let router = crate::router(state);
+        let send = |method: &str, uri: &str, token: &str, body: &str| {
+            let req = Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            router.clone().oneshot(req)
+        };
+        let created = send(
+            "POST",
+            "/v1/apps",
+            &admin,
+            r#"{"app_name":"web","org_slug":"personal"}"#,
+        )
+        .await
+        .unwrap();
+        assert!(created.status().is_success(), "{:?}", created.status());
+        let uri = "/v1/apps/web/machines/m1/console?cmd=true";
+        let resp = send("GET", uri, &ro, "").await.unwrap();
+        assert_eq!(resp.status(), 403);
+        let body = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("needs Deploy"));
+        // A plain GET (no upgrade) with a deploy token is refused as not a WebSocket.
+        let resp = send("GET", uri, &deploy, "").await.unwrap();
+        assert!(resp.status().is_client_error() && resp.status() != 403);
     }
 }

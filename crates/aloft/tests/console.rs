@@ -104,7 +104,7 @@ fn image(data: &Path, work: &Path, name: &str) {
     std::fs::create_dir_all(tree.join("bin")).unwrap();
     std::fs::create_dir_all(tree.join("etc")).unwrap();
     std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static");
-    for applet in ["sh", "tty", "stty", "sleep", "cat"] {
+    for applet in ["sh", "tty", "stty", "sleep", "cat", "ps"] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
     std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
@@ -165,6 +165,14 @@ fn set_size(fd: impl AsFd, rows: u16, cols: u16) {
         ws_ypixel: 0,
     };
     rustix::termios::tcsetwinsize(fd, ws).unwrap();
+}
+
+/// Is the terminal in its normal (canonical, echoing) mode?
+fn cooked(fd: impl AsFd) -> bool {
+    use rustix::termios::LocalModes;
+    let t = rustix::termios::tcgetattr(fd).unwrap();
+    t.local_modes
+        .contains(LocalModes::ICANON | LocalModes::ECHO)
 }
 
 /// Reads the master side on a thread; lines of what arrived go to the channel.
@@ -340,6 +348,8 @@ fn ssh_console_pipes_ptys_and_exit_codes() {
 
     // A terminal: the command gets a pty of our size, and follows a resize.
     let (master, slave) = openpty(33, 101);
+    let term = slave.try_clone().unwrap();
+    assert!(cooked(&term));
     let rx = pty_reader(master.try_clone().unwrap());
     let mut c = aloft_cmd(
         &data,
@@ -367,9 +377,11 @@ fn ssh_console_pipes_ptys_and_exit_codes() {
     read_until(&rx, &mut seen, "resized", deadline);
     let st = wait_child(&mut c, deadline);
     assert_eq!(st.code(), Some(5), "{seen:?}");
+    assert!(cooked(&term), "the terminal was left in raw mode");
 
     // An interactive shell on the pty: what we type runs, `exit` ends it.
     let (master, slave) = openpty(24, 80);
+    let term = slave.try_clone().unwrap();
     let rx = pty_reader(master.try_clone().unwrap());
     let mut c = aloft_cmd(&data, &app_dir, &["ssh", "console"])
         .stdin(Stdio::from(slave.try_clone().unwrap()))
@@ -382,9 +394,47 @@ fn ssh_console_pipes_ptys_and_exit_codes() {
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     read_until(&rx, &mut seen, "42-", deadline);
+    assert!(!cooked(&term), "the terminal is not raw during the session");
     typed.write_all(b"exit 6\r").unwrap();
     let st = wait_child(&mut c, deadline);
     assert_eq!(st.code(), Some(6), "{seen:?}");
+    assert!(cooked(&term), "the terminal was left in raw mode");
+
+    // The client vanishing (SIGKILL) hangs the command up: it does not linger.
+    let (master, slave) = openpty(24, 80);
+    let rx = pty_reader(master.try_clone().unwrap());
+    let mut c = aloft_cmd(
+        &data,
+        &app_dir,
+        &["ssh", "console", "-C", "echo started; exec sleep 999"],
+    )
+    .stdin(Stdio::from(slave.try_clone().unwrap()))
+    .stdout(Stdio::from(slave.try_clone().unwrap()))
+    .stderr(Stdio::from(slave))
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    read_until(&rx, &mut String::new(), "started", deadline);
+    let ps = || {
+        ok(
+            aloft(&data, &app_dir, &["machine", "exec", &id, "--", "ps"]),
+            "machine exec ps",
+        )
+    };
+    assert!(ps().contains("sleep 999"));
+    c.kill().unwrap();
+    c.wait().unwrap();
+    loop {
+        let procs = ps();
+        if !procs.contains("sleep 999") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the console command outlived its client:\n{procs}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A machine that does not exist: a clear error, non-zero.
     let out = aloft(
