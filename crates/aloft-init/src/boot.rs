@@ -60,11 +60,21 @@ pub const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
 /// power button devices are opened then), which shortens the time to `InitStarted`.
 pub const LATE_MODULES: &[&str] = &["virtio-rng", "virtio_balloon", "button", "evdev", "overlay"];
 
+/// The root disk being mounted on /newroot by a thread of its own.
+pub type RootMount = std::thread::JoinHandle<Result<(), BootError>>;
+
 /// Loads the guest modules in dependency order, except `skip`; missing files are
 /// skipped. The `LATE_MODULES` are returned in memory instead (the initramfs files go
-/// away with the root switch), for [`load_late_modules`].
-pub fn load_modules(dir: &Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> {
+/// away with the root switch), for [`load_late_modules`]. With `root_device`, the
+/// root disk starts mounting on /newroot as soon as `virtio_blk` is in, so its I/O
+/// overlaps the loading of the other modules; [`switch_root`] waits for it.
+pub fn load_modules(
+    dir: &Path,
+    skip: &[&str],
+    root_device: Option<&str>,
+) -> (Vec<(String, Vec<u8>)>, Option<RootMount>) {
     let mut late = Vec::new();
+    let mut root_mount = None;
     for name in GUEST_MODULES.iter().filter(|n| !skip.contains(n)) {
         let path = dir.join(format!("{name}.ko"));
         if !path.exists() {
@@ -85,8 +95,38 @@ pub fn load_modules(dir: &Path, skip: &[&str]) -> Vec<(String, Vec<u8>)> {
         if let Err(e) = r {
             eprintln!("aloft-init: loading {}: {e}", path.display());
         }
+        if *name == "virtio_blk"
+            && let Some(dev) = root_device
+        {
+            let dev = dev.to_string();
+            match std::thread::Builder::new()
+                .name("root-mount".into())
+                .spawn(move || mount_root(&dev))
+            {
+                Ok(h) => root_mount = Some(h),
+                Err(e) => {
+                    eprintln!("aloft-init: no thread for the root mount ({e}): mounting later")
+                }
+            }
+        }
     }
-    late
+    (late, root_mount)
+}
+
+/// Mounts the root disk on /newroot. `noinit_itable`: no background zeroing of inode
+/// tables competing with the boot for the (emulated) CPU and writing to the overlay.
+fn mount_root(dev: &str) -> Result<(), BootError> {
+    wait_for_block(dev)?;
+    fs::create_dir_all("/newroot").map_err(|e| err("creating /newroot", e))?;
+    sys::mount(
+        dev,
+        Path::new("/newroot"),
+        Some("ext4"),
+        0,
+        Some("noinit_itable"),
+    )
+    .map_err(|e| err(format_args!("mounting the root disk {dev} (ext4)"), e))?;
+    Ok(())
 }
 
 /// Loads modules kept in memory by [`load_modules`].
@@ -124,13 +164,15 @@ fn wait_for_block(dev: &str) -> Result<(), BootError> {
     })
 }
 
-/// Mounts the root disk on /newroot, moves the API filesystems into it and makes it /.
-pub fn switch_root(cfg: &RunConfig) -> Result<(), BootError> {
-    let dev = cfg.root_device.as_str();
-    wait_for_block(dev)?;
-    fs::create_dir_all("/newroot").map_err(|e| err("creating /newroot", e))?;
-    sys::mount(dev, Path::new("/newroot"), Some("ext4"), 0, None)
-        .map_err(|e| err(format_args!("mounting the root disk {dev} (ext4)"), e))?;
+/// Mounts the root disk on /newroot (or waits for [`load_modules`] to have done it),
+/// moves the API filesystems into it and makes it / (a move, nothing is copied).
+pub fn switch_root(cfg: &RunConfig, mounting: Option<RootMount>) -> Result<(), BootError> {
+    match mounting {
+        Some(h) => h
+            .join()
+            .map_err(|_| BootError("the root mount thread panicked".into()))??,
+        None => mount_root(&cfg.root_device)?,
+    }
     // Free the initramfs memory we no longer need (best effort).
     if let Ok(entries) = fs::read_dir("/lib/modules") {
         for e in entries.flatten() {
@@ -371,6 +413,12 @@ pub fn network(cfg: &RunConfig) -> Result<(), BootError> {
             || netlink::if_index(name),
         )?;
         let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/accept_dad"), "0");
+        // No IPv6 address or gateway configured: no link-local address, router
+        // solicitations or MLD reports to make while booting.
+        let v6 = iface.gateway6.is_some() || iface.addresses.iter().any(|a| a.contains(':'));
+        if !v6 {
+            let _ = fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        }
         nl.link_up(idx, iface.mtu)
             .map_err(|e| err(format_args!("setting {name} up"), e))?;
         for a in &iface.addresses {

@@ -56,6 +56,9 @@ const OUTPUT_GRACE: Duration = Duration::from_millis(300);
 /// Queued channel bytes above which exec output is left unread.
 const EXEC_BACKLOG: usize = 4 << 20;
 const EV_KEY: u16 = 1;
+/// The late modules (rng, balloon, power button) wait for the app's readiness, so
+/// that they do not delay it, but at most this long after the app started.
+const LATE_MODULES_WAIT: Duration = Duration::from_secs(2);
 const KEY_POWER: u16 = 116;
 
 fn main() {
@@ -85,7 +88,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             // The channel needs its modules to report this.
-            boot::load_modules(modules, &[]);
+            boot::load_modules(modules, &[], None);
             fatal(&mut port, None, &e)
         }
     };
@@ -94,10 +97,12 @@ fn main() {
     } else {
         &[]
     };
-    let late_modules = boot::load_modules(modules, skip);
+    // The root disk mounts in the background while the other modules load.
+    let (late_modules, root_mount) = boot::load_modules(modules, skip, Some(&cfg.root_device));
     phases.push(("modules", sys::uptime_ms()));
-    let _ = port.tick(Instant::now());
-    let creds = match setup(&cfg, &mut phases) {
+    // Host messages that arrive before the app runs are handled once it does.
+    let mut early = port.tick(Instant::now());
+    let creds = match setup(&cfg, root_mount, &mut phases) {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
     };
@@ -108,6 +113,9 @@ fn main() {
     }
     let now = sys::uptime_ms();
     port.send(&GuestMessage::InitStarted { uptime_ms: now });
+    // Tell the host now, not once the main loop runs.
+    early.extend(port.tick(Instant::now()));
+    port.flush();
     let steps: Vec<String> = phases
         .windows(2)
         .map(|w| format!("{} {}ms", w[1].0, w[1].1.saturating_sub(w[0].1)))
@@ -117,20 +125,23 @@ fn main() {
         steps.join(", ")
     );
     let mut init = Init::new(cfg, creds, sigfd, port);
+    init.late_modules = late_modules;
     init.start_app();
-    boot::load_late_modules(late_modules);
-    // The ACPI power button appears with the late `button`/`evdev` modules.
-    init.inputs = open_power_buttons();
+    init.port.flush();
+    for msg in early {
+        init.on_host(msg);
+    }
     init.run()
 }
 
 /// Everything between the initramfs and the app: root switch, mounts, names, network.
 fn setup(
     cfg: &RunConfig,
+    root_mount: Option<boot::RootMount>,
     phases: &mut Vec<(&'static str, u64)>,
 ) -> Result<users::Credentials, String> {
     cfg.kill_signal_number().map_err(|e| e.to_string())?;
-    boot::switch_root(cfg).map_err(|e| e.to_string())?;
+    boot::switch_root(cfg, root_mount).map_err(|e| e.to_string())?;
     phases.push(("root", sys::uptime_ms()));
     boot::late_mounts().map_err(|e| e.to_string())?;
     boot::mount_volumes(cfg).map_err(|e| e.to_string())?;
@@ -226,6 +237,9 @@ struct Init {
     metadata: BTreeMap<String, String>,
     api: Option<api::Api>,
     inputs: Vec<File>,
+    /// Modules to load once the app is ready (see [`LATE_MODULES_WAIT`]).
+    late_modules: Vec<(String, Vec<u8>)>,
+    app_started_at: Instant,
     ready_sent: bool,
     next_ready_check: Instant,
     stop_deadline: Option<Instant>,
@@ -256,6 +270,8 @@ impl Init {
             metadata,
             api,
             inputs: open_power_buttons(),
+            late_modules: Vec::new(),
+            app_started_at: Instant::now(),
             ready_sent: false,
             next_ready_check: Instant::now(),
             stop_deadline: None,
@@ -289,6 +305,7 @@ impl Init {
             stdin: false,
         }) {
             Ok(s) => {
+                self.app_started_at = Instant::now();
                 self.port.send(&GuestMessage::AppStarted {
                     pid: s.pid,
                     uptime_ms: sys::uptime_ms(),
@@ -414,6 +431,7 @@ impl Init {
                 self.on_host(msg);
             }
             self.check_ready(now);
+            self.load_late_modules(now);
             self.check_stop(now);
             self.finish_execs(now);
             self.port.flush();
@@ -430,6 +448,9 @@ impl Init {
         }
         if let Some(d) = self.stop_deadline {
             t = t.min(d.saturating_duration_since(now));
+        }
+        if !self.late_modules.is_empty() {
+            t = t.min((self.app_started_at + LATE_MODULES_WAIT).saturating_duration_since(now));
         }
         if let Some(end) = self.app.as_ref().and_then(|a| a.ended_at) {
             t = t.min((end + OUTPUT_GRACE).saturating_duration_since(now));
@@ -734,6 +755,22 @@ impl Init {
                 uptime_ms: sys::uptime_ms(),
             });
         }
+    }
+
+    /// Loads the late modules once the app is ready (or ended, or has no ready port,
+    /// or had its time), then opens the power button they bring.
+    fn load_late_modules(&mut self, now: Instant) {
+        if self.late_modules.is_empty() {
+            return;
+        }
+        let awaiting_ready =
+            !self.ready_sent && !self.cfg.ready_ports.is_empty() && self.app_running();
+        if awaiting_ready && now < self.app_started_at + LATE_MODULES_WAIT {
+            return;
+        }
+        self.port.flush();
+        boot::load_late_modules(std::mem::take(&mut self.late_modules));
+        self.inputs = open_power_buttons();
     }
 
     fn check_stop(&mut self, now: Instant) {

@@ -98,11 +98,57 @@ pub fn strip_module_signature(data: &[u8]) -> &[u8] {
     }
 }
 
+/// Hides a module's `.BTF` section from the kernel by renaming it (its section
+/// header then names `BTF`): with BTF the kernel parses and checks the module's type
+/// information on load, and on the first such module the whole vmlinux BTF, which
+/// under TCG costs tens of milliseconds of boot. Nothing in the guest uses module
+/// BTF (it serves BPF tracing). Returns whether the section was found; an image that
+/// is not a well-formed ELF64 is left as it is.
+pub fn hide_module_btf(image: &mut [u8]) -> bool {
+    fn u16_at(d: &[u8], o: usize) -> Option<usize> {
+        Some(u16::from_le_bytes(d.get(o..o + 2)?.try_into().ok()?) as usize)
+    }
+    fn u32_at(d: &[u8], o: usize) -> Option<usize> {
+        Some(u32::from_le_bytes(d.get(o..o + 4)?.try_into().ok()?) as usize)
+    }
+    fn u64_at(d: &[u8], o: usize) -> Option<usize> {
+        usize::try_from(u64::from_le_bytes(d.get(o..o + 8)?.try_into().ok()?)).ok()
+    }
+    let find = |d: &[u8]| -> Option<usize> {
+        if d.get(..5)? != b"\x7fELF\x02" {
+            return None;
+        }
+        let shoff = u64_at(d, 0x28)?;
+        let (shentsize, shnum, shstrndx) = (u16_at(d, 0x3a)?, u16_at(d, 0x3c)?, u16_at(d, 0x3e)?);
+        let strtab = u64_at(
+            d,
+            shoff
+                .checked_add(shstrndx.checked_mul(shentsize)?)?
+                .checked_add(0x18)?,
+        )?;
+        (0..shnum).find_map(|i| {
+            let sh = shoff.checked_add(i.checked_mul(shentsize)?)?;
+            let name = strtab.checked_add(u32_at(d, sh)?)?;
+            (d.get(name..name + 5)? == b".BTF\0").then_some(sh)
+        })
+    };
+    match find(image) {
+        Some(sh) => {
+            let name = u32::from_le_bytes([image[sh], image[sh + 1], image[sh + 2], image[sh + 3]]);
+            image[sh..sh + 4].copy_from_slice(&(name + 1).to_le_bytes());
+            true
+        }
+        None => false,
+    }
+}
+
 /// Loads a kernel module from memory without its signature: verifying it costs
-/// a lot of emulated CPU under TCG, and the initramfs is already trusted. "Already
-/// loaded" counts as success.
+/// a lot of emulated CPU under TCG, and the initramfs is already trusted. Its BTF
+/// is hidden ([`hide_module_btf`]). "Already loaded" counts as success.
 pub fn init_module_unsigned(data: &[u8]) -> io::Result<()> {
-    let image = strip_module_signature(data);
+    let mut image = strip_module_signature(data).to_vec();
+    hide_module_btf(&mut image);
+    let image = image.as_slice();
     let params = c"";
     // SAFETY: init_module reads `image.len()` bytes from `image` and a NUL-terminated
     // parameter string.
@@ -364,6 +410,25 @@ pub fn child_setup(ctty: bool, uid: u32, gid: u32, groups: &[u32]) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_btf_is_hidden() {
+        let dir = std::env::var_os("ALOFT_KERNEL_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/var/lib/aloft/kernel".into());
+        let path = dir.join("modules/virtio_ring.ko");
+        let data = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run `cargo xtask setup`)", path.display()));
+        let mut image = strip_module_signature(&data).to_vec();
+        assert!(
+            hide_module_btf(&mut image),
+            "virtio_ring has a .BTF section"
+        );
+        assert!(!hide_module_btf(&mut image), "hidden once, gone after");
+        assert_eq!(image.len(), strip_module_signature(&data).len());
+        let mut junk = b"\x7fELF\x02 too short".to_vec();
+        assert!(!hide_module_btf(&mut junk));
+    }
 
     #[test]
     fn module_signature_is_stripped() {

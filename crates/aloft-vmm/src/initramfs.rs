@@ -167,15 +167,30 @@ pub fn base_initramfs(
 }
 
 /// The per-machine initrd: the base archive followed by one holding `/run.json`.
+/// The base is copied in the kernel (`copy_file_range`, a reflink where the file
+/// system has them) and the small archive appended. It is not fsynced: it is rewritten
+/// before every boot, so a copy lost in a host crash is never used.
 pub fn machine_initrd(base: &Path, run_json: &[u8], dest: &Path) -> Result<(), InitramfsError> {
-    let mut data = fs::read(base).map_err(|source| InitramfsError::Read {
+    let err = |source| InitramfsError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
+    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+    fs::copy(base, &tmp).map_err(|source| InitramfsError::Read {
         path: base.to_path_buf(),
         source,
     })?;
     let mut cpio = CpioWriter::default();
     cpio.file("run.json", 0o600, run_json);
-    data.extend_from_slice(&cpio.finish());
-    write_atomically(dest, &data)
+    let appended = fs::OpenOptions::new()
+        .append(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&cpio.finish()));
+    if let Err(e) = appended {
+        let _ = fs::remove_file(&tmp);
+        return Err(err(e));
+    }
+    fs::rename(&tmp, dest).map_err(err)
 }
 
 pub(crate) fn write_atomically(path: &Path, data: &[u8]) -> Result<(), InitramfsError> {
@@ -219,6 +234,32 @@ mod tests {
         assert_eq!(
             listing.lines().collect::<Vec<_>>(),
             ["etc", "etc/hello.txt", "run.json"]
+        );
+    }
+}
+
+#[cfg(test)]
+mod machine_initrd_tests {
+    #[test]
+    fn machine_initrd_is_base_then_run_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.cpio");
+        let mut w = super::CpioWriter::default();
+        w.file("init", 0o755, b"#!init");
+        let base_data = w.finish();
+        std::fs::write(&base, &base_data).unwrap();
+        let dest = dir.path().join("m/initrd.cpio");
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        for json in [&b"{\"a\":1}"[..], b"{}"] {
+            super::machine_initrd(&base, json, &dest).unwrap();
+            let data = std::fs::read(&dest).unwrap();
+            assert!(data.starts_with(&base_data));
+            let tail = &data[base_data.len()..];
+            assert!(tail.windows(json.len()).any(|w| w == json));
+        }
+        assert_eq!(
+            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
+            1
         );
     }
 }
