@@ -221,6 +221,7 @@ impl Agent {
             }),
         };
         agent.recover().await;
+        crate::volumes::sweep_snapshots(&agent);
         agent.spawn_background();
         Ok(agent)
     }

@@ -327,3 +327,28 @@ pub(crate) async fn snapshot(
     prune(agent, &v);
     Ok(snap)
 }
+
+/// After a restart: removes the snapshot files of this agent's volumes that no
+/// snapshot record names (a copy or its rename cut short by a crash). Other agents
+/// sharing the data directory keep theirs: only this agent's volumes are looked at.
+pub(crate) fn sweep_snapshots(agent: &Agent) {
+    for (_, v, _) in agent.db().volumes(None).unwrap_or_default() {
+        let dir = snapshot_dir(agent, &v.id);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let known: Vec<PathBuf> = agent
+            .db()
+            .snapshots(&v.id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        for e in entries.flatten() {
+            if !known.contains(&e.path()) {
+                tracing::info!(volume = %v.id, file = %e.path().display(), "removing a stray snapshot file");
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}

@@ -403,8 +403,16 @@ async fn checks_ps_memory_snapshots_cordon_and_unhealthy_restart() {
     // The volume survived the restart.
     assert_eq!(sh(&a, &id, "cat /data/f").await.trim(), "v2");
 
-    // 7. Snapshots go with their volume.
+    // 7. A restarted agent drops snapshot files no record names (a copy cut short by
+    //    a crash), keeps the others; snapshots go with their volume.
     a.destroy_machine(APP, &id, true, None).await.unwrap();
+    let snap_dir = data.join("snapshots").join(&vol.id);
+    let stray = snap_dir.join("vs_cut_short.ext4.tmp");
+    std::fs::write(&stray, b"partial").unwrap();
+    drop(a);
+    let a = agent(data, store.clone()).await;
+    assert!(!stray.exists());
+    assert!(snap_dir.join(format!("{}.ext4", snap.id)).exists());
     a.destroy_volume(APP, &vol.id).await.unwrap();
     assert!(!data.join("snapshots").join(&vol.id).exists());
     a.destroy_volume(APP, &restored.id).await.unwrap();
