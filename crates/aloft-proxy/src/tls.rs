@@ -450,7 +450,9 @@ pub(crate) async fn serve_tls(
         .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN));
     if acme {
         // TLS-ALPN-01: the handshake itself is the answer.
-        match tokio::time::timeout(timeout, start.into_stream(certs.acme_config())).await {
+        let done = tokio::time::timeout(timeout, start.into_stream(certs.acme_config())).await;
+        crate::metrics::tls_handshake(matches!(done, Ok(Ok(_))));
+        match done {
             Ok(Ok(mut s)) => {
                 tracing::info!(sni = ?sni, "answered a tls-alpn-01 challenge");
                 let _ = s.shutdown().await;
@@ -475,7 +477,9 @@ pub(crate) async fn serve_tls(
     } else {
         certs.http_config()
     };
-    let tls = match tokio::time::timeout(timeout, start.into_stream(config)).await {
+    let done = tokio::time::timeout(timeout, start.into_stream(config)).await;
+    crate::metrics::tls_handshake(matches!(done, Ok(Ok(_))));
+    let tls = match done {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, sni = ?sni, error = %e, "TLS handshake failed");

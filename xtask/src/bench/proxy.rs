@@ -451,5 +451,154 @@ fn bench(
     for j in json {
         println!("{j}");
     }
+    tls_rounds(procs, dir, aloft, backend, load_cpu, server_cpu)?;
     Ok(())
+}
+
+/// tls: new TLS connections per second, aloft-proxy against nginx with the same
+/// ECDSA P-256 certificate (for `localhost`), each connection one request then
+/// closed (`wrk -H 'Connection: close'` over https), proxied to the same backend.
+fn tls_rounds(
+    procs: &mut Procs,
+    dir: &Path,
+    aloft: &Path,
+    backend: u16,
+    load_cpu: Option<usize>,
+    server_cpu: Option<usize>,
+) -> Result<()> {
+    let (cert, key) = (dir.join("tls.pem"), dir.join("tls.key"));
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let make = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+                -subj /CN=localhost -addext subjectAltName=DNS:localhost";
+    let mut openssl = Command::new("openssl");
+    openssl
+        .args(make.split_whitespace())
+        .args(["-keyout", &k, "-out", &c]);
+    output(&mut openssl).context("openssl could not make the benchmark certificate")?;
+    let (nginx_tls, aloft_tls) = (free_port()?, free_port()?);
+    let conf = format!(
+        "{}http {{\n{}upstream app {{ server 127.0.0.1:{backend}; keepalive 128; }}\n\
+         server {{ listen 127.0.0.1:{nginx_tls} ssl; ssl_certificate {c}; ssl_certificate_key {k};\n\
+         location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; }} }}\n}}\n",
+        nginx_common(dir, "nginx-tls"),
+        nginx_http_common(dir)
+    );
+    start_nginx(procs, dir, "nginx-tls", &conf, server_cpu)?;
+    let routes = format!(
+        "[[certs]]\nhostname = \"localhost\"\ncert = \"{c}\"\nkey = \"{k}\"\n\
+         [[apps]]\nname = \"bench\"\nhostnames = [\"*\"]\n[[apps.services]]\ninternal_port = {backend}\n\
+         ports = [{{ port = {aloft_tls}, handlers = [\"tls\", \"http\"] }}]\n\
+         concurrency = {{ type = \"requests\", soft_limit = 1000, hard_limit = 2000 }}\n\
+         [[apps.machines]]\nid = \"m1\"\nregion = \"bench\"\naddress = \"127.0.0.1\"\nstate = \"started\"\n"
+    );
+    let rfile = dir.join("routes-tls.toml");
+    std::fs::write(&rfile, routes)?;
+    let (listen, rpath) = (
+        format!("127.0.0.1:{aloft_tls}"),
+        rfile.display().to_string(),
+    );
+    let args = [
+        "proxy",
+        "--listen",
+        &listen,
+        "--routes",
+        &rpath,
+        "--threads",
+        "1",
+    ];
+    let mut cmd = pinned(server_cpu, aloft, &args);
+    cmd.env("ALOFT_LOG", "error");
+    procs.spawn("aloft-tls", cmd, &dir.join("aloft-tls.log"))?;
+    for port in [nginx_tls, aloft_tls] {
+        wait_port(port, procs, dir)?;
+    }
+    let pid = |name: &str| procs.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id());
+    let targets = [
+        ("nginx", nginx_tls, pid("nginx-tls")),
+        ("aloft", aloft_tls, pid("aloft-tls")),
+    ];
+    // Per target: connections/s, and server CPU µs per connection.
+    let mut figs = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    for round in 1..=ROUNDS {
+        step(&format!(
+            "new TLS connections round {round}/{ROUNDS}: wrk -c{CONNECTIONS} -H 'Connection: close' over https"
+        ));
+        for ((name, port, pid), (rates, cpu)) in targets.iter().zip(&mut figs) {
+            let url = format!("https://localhost:{port}/");
+            let (secs, conns) = (format!("{WRK_SECS}s"), CONNECTIONS.to_string());
+            let wrk_args = [
+                "-t1",
+                "-c",
+                &conns,
+                "-d",
+                &secs,
+                "-H",
+                "Connection: close",
+                &url,
+            ];
+            let before = pid.map(cpu_ticks).transpose()?;
+            let out = output(&mut pinned(load_cpu, Path::new("wrk"), &wrk_args))?;
+            let after = pid.map(cpu_ticks).transpose()?;
+            if out.contains("Non-2xx") {
+                bail!("wrk against {name} over TLS saw errors:\n{out}");
+            }
+            let rps = out
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+            let done = out
+                .lines()
+                .find_map(|l| l.trim().split_once(" requests in "))
+                .and_then(|(n, _)| n.trim().parse::<f64>().ok())
+                .with_context(|| format!("no request count in wrk output:\n{out}"))?;
+            // Clock ticks are 10 ms (USER_HZ 100).
+            let us = match (before, after) {
+                (Some(b), Some(a)) if done > 0.0 => (a - b) as f64 * 10_000.0 / done,
+                _ => f64::NAN,
+            };
+            println!("    {name:<8} {rps:>10.0} new TLS connections/s  {us:>6.0} µs CPU each");
+            rates.push(rps);
+            cpu.push(us);
+            procs.check(dir)?;
+        }
+    }
+    let (nginx, nginx_us) = (median(&figs[0].0), median(&figs[0].1));
+    println!(
+        "\n{:<8} {:>12} {:>9} {:>12} {:>9}",
+        "target", "TLS conns/s", "vs nginx", "CPU µs/conn", "vs nginx"
+    );
+    for ((name, _, _), (rates, cpu)) in targets.iter().zip(&figs) {
+        let (v, us) = (median(rates), median(cpu));
+        println!(
+            "{name:<8} {v:>12.0} {:>8.2}x {us:>12.0} {:>8.2}x",
+            v / nginx,
+            us / nginx_us
+        );
+        let j = serde_json::json!({
+            "bench": "proxy-tls-handshakes",
+            "target": name,
+            "new_tls_conns_per_s": v.round(),
+            "ratio_vs_nginx": (v / nginx * 1000.0).round() / 1000.0,
+            "cpu_us_per_conn": us.round(),
+            "cpu_ratio_vs_nginx": (us / nginx_us * 1000.0).round() / 1000.0,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}
+
+/// User plus system CPU time of process `pid`, in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    match (tick(11), tick(12)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => bail!("unexpected /proc/{pid}/stat: {stat}"),
+    }
 }
