@@ -119,18 +119,24 @@ pub struct DnsRecords {
 /// Fly's `CertificateCheckResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CertificateCheckResponse {
-    #[serde(flatten)]
-    #[schema(inline)]
-    pub detail: CertificateDetail,
+    pub hostname: String,
+    pub status: String,
+    pub configured: bool,
+    pub acme_requested: bool,
+    pub certificates: Vec<CertificateEntry>,
+    pub validation_errors: Vec<CertificateValidationError>,
     pub dns_records: DnsRecords,
 }
 
 /// Fly's `destroyCustomCertificateResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DestroyCustomCertificateResponse {
-    #[serde(flatten)]
-    #[schema(inline)]
-    pub detail: CertificateDetail,
+    pub hostname: String,
+    pub status: String,
+    pub configured: bool,
+    pub acme_requested: bool,
+    pub certificates: Vec<CertificateEntry>,
+    pub validation_errors: Vec<CertificateValidationError>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }
@@ -656,8 +662,14 @@ pub async fn custom_delete(
         )));
     }
     remove(&state, &r, rev).await?;
+    let d = removed(&r.hostname);
     Ok(Json(DestroyCustomCertificateResponse {
-        detail: removed(&r.hostname),
+        hostname: d.hostname,
+        status: d.status,
+        configured: d.configured,
+        acme_requested: d.acme_requested,
+        certificates: d.certificates,
+        validation_errors: d.validation_errors,
         warning: Some(format!(
             "{} has no certificate now; request one with `aloft certs add {}`",
             r.hostname, r.hostname
@@ -704,8 +716,14 @@ pub async fn check(
         write(&state, &r, Expect::Revision(rev)).await?;
     }
     let dns_records = resolve(&r.hostname).await;
+    let d = detail(&r);
     Ok(Json(CertificateCheckResponse {
-        detail: detail(&r),
+        hostname: d.hostname,
+        status: d.status,
+        configured: d.configured,
+        acme_requested: d.acme_requested,
+        certificates: d.certificates,
+        validation_errors: d.validation_errors,
         dns_records,
     }))
 }
