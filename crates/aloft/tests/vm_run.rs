@@ -293,6 +293,29 @@ fn sigint_stops_the_vm_gracefully() {
 }
 
 #[test]
+fn sigint_while_booting_removes_the_vm() {
+    let env = Env::new();
+    let run = Running::spawn(env.cmd(&[&env.image(), "--", "/bin/sleep", "60"]));
+    // QEMU has started once a machine directory holds its pidfile.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = || {
+        std::fs::read_dir(env.data.join("vm-run"))
+            .map(|d| d.flatten().any(|e| e.path().join("qemu.pid").exists()))
+            .unwrap_or(false)
+    };
+    while !started() {
+        assert!(Instant::now() < deadline, "QEMU did not start within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.interrupt();
+    let (code, stdout, stderr) = run.finish(Duration::from_secs(30));
+    // Interrupted before the guest answered (130), or the app was stopped by the
+    // signal (also 130): either way nothing is left.
+    assert_eq!(code, 130, "stdout: {stdout:?}\nstderr: {stderr:?}");
+    env.assert_clean();
+}
+
+#[test]
 fn boot_timeline_lists_every_stage_in_order_and_port_forwards() {
     let env = Env::new();
     let port = free_port();

@@ -321,9 +321,18 @@ async fn run_vm(args: RunArgs, data_dir: &DataDir) -> Result<u8> {
         accel,
         tcg_tb_size_mb: Some(32),
     };
-    qemu::prepare(&spec)
-        .await
-        .with_context(|| format!("preparing the VM in {}", dir.display()))?;
+    // From here on an interrupt must not leave QEMU or the directory behind.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = qemu::prepare(&spec) => {
+            r.with_context(|| format!("preparing the VM in {}", dir.display()))?;
+        }
+        _ = sigint.recv() => return Ok(interrupted()),
+        _ = sigterm.recv() => return Ok(interrupted()),
+    }
 
     let mut timeline = Timeline::default();
     let console = dir.join(aloft_vmm::VmFiles::CONSOLE);
@@ -341,6 +350,17 @@ async fn run_vm(args: RunArgs, data_dir: &DataDir) -> Result<u8> {
         _ = wait_gone(&vm) => {
             return Err(boot_failed(&vm, "QEMU exited before the guest said hello"));
         }
+        // Nothing of the app runs yet: no graceful stop to make.
+        _ = sigint.recv() => {
+            vm.kill();
+            vm.wait_exit(Duration::from_secs(5)).await;
+            return Ok(interrupted());
+        }
+        _ = sigterm.recv() => {
+            vm.kill();
+            vm.wait_exit(Duration::from_secs(5)).await;
+            return Ok(interrupted());
+        }
     };
     let chan = match chan {
         Ok(c) => c,
@@ -351,10 +371,6 @@ async fn run_vm(args: RunArgs, data_dir: &DataDir) -> Result<u8> {
         }
     };
     let mut events = chan.events();
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     let mut stopping: Option<Instant> = None;
     let mut powered_down = false;
     let mut exit = None;
@@ -444,6 +460,12 @@ async fn run_vm(args: RunArgs, data_dir: &DataDir) -> Result<u8> {
         }
         None => Err(boot_failed(&vm, "the VM ended without reporting an exit")),
     }
+}
+
+/// An interrupt before the app ran: exit code 130, like a shell.
+fn interrupted() -> u8 {
+    eprintln!("aloft: interrupted while booting: the VM was removed");
+    130
 }
 
 /// Resolves when QEMU's process has gone.
