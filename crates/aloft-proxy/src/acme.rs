@@ -22,7 +22,7 @@ use std::time::Duration;
 use aloft_store::{Expect, Store, StoreError};
 use aloft_types::catalog::{
     ACME_ACCOUNT_KEY, ACME_CHALLENGES_PREFIX, AcmeChallengeKind, AcmeChallengeRecord, CERTS_PREFIX,
-    CertRecord, CertSource, CertStatus, SCHEMA_VERSION, acme_challenge_key, cert_key,
+    CertRecord, CertSource, CertStatus, SCHEMA_VERSION, acme_challenge_key, app_key, cert_key,
 };
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -492,6 +492,18 @@ impl AcmeWorker {
 
     async fn claim_and_issue(&self, mut rec: CertRecord, revision: u64, d: Due) {
         let key = cert_key(&rec.hostname);
+        // A deleted app's leftover record is not issued or renewed.
+        match self.store.get(&app_key(&rec.app)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::debug!(hostname = %rec.hostname, app = %rec.app, "acme: app is gone; skipped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(hostname = %rec.hostname, "acme: reading app {}: {e}", rec.app);
+                return;
+            }
+        }
         rec.status = CertStatus::Issuing;
         rec.updated_at = now_rfc3339();
         let Ok(value) = serde_json::to_vec(&rec) else {

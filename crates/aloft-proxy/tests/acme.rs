@@ -273,6 +273,25 @@ fn pending(hostname: &str) -> CertRecord {
     }
 }
 
+/// `pending(host)` of app `app1`, with the app record the worker checks for.
+async fn request(store: &dyn Store, host: &str) {
+    let app = serde_json::json!({
+        "schema": 1, "id": "app1", "name": "app1", "org": "personal",
+        "network": "default", "created_at": "2026-01-01T00:00:00Z"
+    });
+    store
+        .put(
+            &aloft_types::catalog::app_key("app1"),
+            app.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    store
+        .put(&cert_key(host), serde_json::to_vec(&pending(host)).unwrap())
+        .await
+        .unwrap();
+}
+
 /// Waits (on store changes) until the record leaves pending/issuing.
 async fn wait_settled(store: &dyn Store, hostname: &str) -> CertRecord {
     let key = cert_key(hostname);
@@ -350,10 +369,7 @@ async fn http01_issues_a_certificate_that_verifies() {
     }));
 
     let host = "app1.example.test";
-    store
-        .put(&cert_key(host), serde_json::to_vec(&pending(host)).unwrap())
-        .await
-        .unwrap();
+    request(store.as_ref(), host).await;
     let rec = wait_settled(store.as_ref(), host).await;
     assert_eq!(rec.status, CertStatus::Ready, "error: {:?}", rec.error);
     assert!(rec.error.is_none());
@@ -442,10 +458,7 @@ async fn tls_alpn01_issues_and_the_proxy_serves_the_certificate() {
     tokio::spawn(worker.run(std::future::pending()));
 
     let host = "alpn.example.test";
-    store
-        .put(&cert_key(host), serde_json::to_vec(&pending(host)).unwrap())
-        .await
-        .unwrap();
+    request(store.as_ref(), host).await;
     let rec = wait_settled(store.as_ref(), host).await;
     assert_eq!(rec.status, CertStatus::Ready, "error: {:?}", rec.error);
     let root = ca.issuing_root().await;
@@ -512,10 +525,7 @@ async fn failed_validation_ends_failed_with_the_reason() {
     tokio::spawn(worker.run(std::future::pending()));
 
     let host = "broken.example.test";
-    store
-        .put(&cert_key(host), serde_json::to_vec(&pending(host)).unwrap())
-        .await
-        .unwrap();
+    request(store.as_ref(), host).await;
     let rec = wait_settled(store.as_ref(), host).await;
     assert_eq!(rec.status, CertStatus::Failed);
     let err = rec.error.expect("a reason");
