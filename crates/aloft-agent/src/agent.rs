@@ -2383,6 +2383,40 @@ async fn guest_process_list(
         })?
 }
 
+/// Asks the guest to flush its filesystems and waits for it to say so.
+pub(crate) async fn guest_sync(ch: &GuestChannel, id: &str) -> Result<(), AgentError> {
+    use tokio::sync::broadcast::error::RecvError;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let request_id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut rx = ch.events();
+    ch.send(guest::HostMessage::Sync { request_id })
+        .map_err(internal)?;
+    let answer = async {
+        loop {
+            match rx.recv().await {
+                Ok(guest::GuestMessage::Synced { request_id: r }) if r == request_id => {
+                    return Ok(());
+                }
+                Ok(_) | Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => {
+                    return Err(AgentError::Conflict(format!(
+                        "machine {id}: the guest channel closed"
+                    )));
+                }
+            }
+        }
+    };
+    tokio::time::timeout(SYNC_TIMEOUT, answer)
+        .await
+        .map_err(|_| AgentError::WaitTimeout {
+            id: id.to_string(),
+            wanted: "flushing its filesystems".into(),
+        })?
+}
+
+/// How long a guest may take to flush its filesystems.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Waits until the balloon reaches `target` bytes, or stops moving for 2 s (a guest
 /// that cannot give more). Returns where it ended.
 async fn balloon_settle(vm: &dyn Vm, target: u64) -> Result<u64, AgentError> {

@@ -7,7 +7,6 @@
 use std::process::Command;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use aloft_types::machine::{MachineState, Volume, VolumeSnapshot};
 
@@ -256,10 +255,10 @@ pub(crate) async fn snapshots(
         .collect())
 }
 
-/// Takes a snapshot. With the volume in use by a running machine, the guest is asked
-/// to `sync` (best effort: the image may have no `sync`), then the VM is paused for the
-/// copy (QEMU drains its disk queue when pausing), so the copy is at least
-/// crash-consistent; ext4's journal replays on restore.
+/// Takes a snapshot. With the volume in use by a running machine, the guest's init
+/// flushes its filesystems (`sync(2)`), then the VM is paused for the copy (QEMU drains
+/// its disk queue when pausing): the copy holds everything written before the call,
+/// and at worst what is mid-write is left to ext4's journal on restore.
 pub(crate) async fn snapshot(
     agent: &Agent,
     app: &str,
@@ -281,12 +280,10 @@ pub(crate) async fn snapshot(
     let mut paused = Vec::new();
     for m in &users {
         if let Some((vm, channel)) = agent.running_vm(m).await {
-            if let Some(ch) = channel {
-                let req = aloft_vmm::channel::ExecRequest {
-                    cmd: vec!["sync".into()],
-                    ..Default::default()
-                };
-                let _ = ch.exec(&req, Duration::from_secs(10)).await;
+            if let Some(ch) = channel
+                && let Err(e) = crate::agent::guest_sync(&ch, m).await
+            {
+                tracing::warn!(machine = %m, "snapshot without a guest sync: {e}");
             }
             vm.pause()
                 .await

@@ -582,10 +582,11 @@ impl Init {
 
     fn on_host(&mut self, msg: HostMessage) {
         match msg {
-            // ProcessList is answered by the port itself.
+            // ProcessList and Sync are answered by the port itself.
             HostMessage::Hello { .. }
             | HostMessage::HelloAck { .. }
-            | HostMessage::ProcessList { .. } => {}
+            | HostMessage::ProcessList { .. }
+            | HostMessage::Sync { .. } => {}
             HostMessage::Signal { signal } => {
                 if let Some(app) = self.app.as_ref().filter(|a| a.status.is_none())
                     && let Err(e) = sys::kill(app.pid, signal)

@@ -262,6 +262,10 @@ impl Port {
                         mem_available_kb,
                     });
                 }
+                Ok(Some(HostMessage::Sync { request_id })) => {
+                    sys::sync();
+                    self.send(&GuestMessage::Synced { request_id });
+                }
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => break,
                 Err(e) => {

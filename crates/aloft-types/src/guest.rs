@@ -428,6 +428,10 @@ pub enum GuestMessage {
         #[serde(default)]
         mem_available_kb: u64,
     },
+    /// Answer to [`HostMessage::Sync`]: every filesystem was flushed.
+    Synced {
+        request_id: u64,
+    },
 }
 
 /// A listening socket of a guest process (Fly's `ListenSocket`).
@@ -522,6 +526,11 @@ pub enum HostMessage {
     },
     /// Answered with a [`GuestMessage::ProcessList`] of the same `request_id`.
     ProcessList {
+        request_id: u64,
+    },
+    /// Flush every filesystem (`sync(2)`), e.g. before a volume snapshot; answered
+    /// with a [`GuestMessage::Synced`] of the same `request_id` once done.
+    Sync {
         request_id: u64,
     },
 }

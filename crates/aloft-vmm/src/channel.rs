@@ -230,7 +230,9 @@ impl Shared {
                 },
                 true,
             ),
-            GuestMessage::Log { .. } | GuestMessage::ProcessList { .. } => {}
+            GuestMessage::Log { .. }
+            | GuestMessage::ProcessList { .. }
+            | GuestMessage::Synced { .. } => {}
         }
         let _ = self.events.send(msg);
     }
