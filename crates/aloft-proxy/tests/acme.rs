@@ -537,3 +537,65 @@ async fn failed_validation_ends_failed_with_the_reason() {
     let left = store.list(ACME_CHALLENGES_PREFIX).await.unwrap();
     assert!(left.entries.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_claims_a_hostname_and_a_stale_claim_is_taken_over() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_port = listener.local_addr().unwrap().port();
+    let ca = start_pebble(dir.path(), http_port, free_port()).await;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path().join("c.db")).await.unwrap());
+    let challenges = Challenges::new(store.clone());
+    tokio::spawn(challenges.clone().follow());
+    let _stop = start_proxy(listener, Some(challenges.clone()));
+
+    // Every status change of the hostnames, in order.
+    let start = store.revision().await.unwrap();
+    let mut watch = store.watch("certs/", start).await.unwrap();
+
+    // Three proxies' workers on one catalog.
+    for _ in 0..3 {
+        let mut cfg = AcmeConfig::new(ca.directory.clone());
+        cfg.ca_file = Some(ca.pki.ca_file.clone());
+        let w = AcmeWorker::new(store.clone(), cfg, Some(challenges.clone()), None);
+        tokio::spawn(w.run(std::future::pending()));
+    }
+    let host = "race.example.test";
+    request(store.as_ref(), host).await;
+    // A claim left by a proxy that died an hour ago.
+    let stale_host = "stale.example.test";
+    let mut stale = pending(stale_host);
+    stale.status = CertStatus::Issuing;
+    stale.updated_at = "2020-01-01T00:00:00Z".into();
+    store
+        .put(&cert_key(stale_host), serde_json::to_vec(&stale).unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(
+        wait_settled(store.as_ref(), host).await.status,
+        CertStatus::Ready
+    );
+    let rec = wait_settled(store.as_ref(), stale_host).await;
+    assert_eq!(rec.status, CertStatus::Ready, "{:?}", rec.error);
+
+    let mut statuses: std::collections::BTreeMap<String, Vec<CertStatus>> = Default::default();
+    let end = store.revision().await.unwrap();
+    while let Ok(Some(Ok(c))) = tokio::time::timeout(DEADLINE, watch.next()).await {
+        if let Some(v) = c.value {
+            let r: CertRecord = serde_json::from_slice(&v).unwrap();
+            statuses.entry(r.hostname).or_default().push(r.status);
+        }
+        if c.revision >= end {
+            break;
+        }
+    }
+    use CertStatus::*;
+    assert_eq!(statuses[host], [Pending, Issuing, Ready], "claimed once");
+    assert_eq!(
+        statuses[stale_host],
+        [Issuing, Issuing, Ready],
+        "taken over once"
+    );
+}
