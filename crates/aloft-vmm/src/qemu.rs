@@ -193,7 +193,20 @@ pub fn kernel_cmdline(accel: Accel) -> String {
     {
         cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
     }
+    if let Some(extra) = extra_kernel_args() {
+        cmdline.push(' ');
+        cmdline.push_str(&extra);
+    }
     cmdline
+}
+
+/// Extra kernel command-line options from `ALOFT_KERNEL_ARGS` (for trying boot
+/// options; `cargo xtask bench boot` gives its floor the same ones).
+pub fn extra_kernel_args() -> Option<String> {
+    std::env::var("ALOFT_KERNEL_ARGS")
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// The full QEMU argument list for `spec` (without `-incoming`).

@@ -14,6 +14,8 @@
 //!   they answered HTTP: floor vs aloft, tb-size default/32/16, balloon, free page
 //!   reporting.
 //!
+//! `ALOFT_KERNEL_ARGS` (extra kernel options) reaches aloft's machines and the floor
+//! alike, and adds a floor run without them to each round.
 //! `ALOFT_BENCH_BOOT_ROUNDS=n` changes the number of rounds (default 5) and
 //! `ALOFT_BENCH_BOOT_QUICK=1` runs only the tb-size 32 machines and skips the memory
 //! part: for trying a change quickly (the recorded figures use the full run).
@@ -372,6 +374,16 @@ impl FloorRun {
 
 /// Boots the floor; times from spawn to the serial marker (and to HTTP 200).
 pub async fn floor_boot(env: &BenchEnv, kind: FloorKind, tb_mb: Option<u32>) -> Result<FloorRun> {
+    floor_boot_with(env, kind, tb_mb, true).await
+}
+
+/// As [`floor_boot`]; `extra_args`: append `ALOFT_KERNEL_ARGS` (as aloft does).
+async fn floor_boot_with(
+    env: &BenchEnv,
+    kind: FloorKind,
+    tb_mb: Option<u32>,
+    extra_args: bool,
+) -> Result<FloorRun> {
     let port = free_port()?;
     let accel = match tb_mb {
         Some(mb) => format!("tcg,tb-size={mb}"),
@@ -393,8 +405,11 @@ pub async fn floor_boot(env: &BenchEnv, kind: FloorKind, tb_mb: Option<u32>) -> 
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 tsc_early_khz={} tsc=reliable quiet cryptomgr.notests panic=-1",
-            env.tsc_khz
+            "console=ttyS0 tsc_early_khz={} tsc=reliable quiet cryptomgr.notests panic=-1 {}",
+            env.tsc_khz,
+            qemu::extra_kernel_args()
+                .filter(|_| extra_args)
+                .unwrap_or_default()
         ));
     if kind != FloorKind::Marker {
         cmd.args([
@@ -915,6 +930,12 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         let f = floor_boot(env, FloorKind::Marker, None).await?;
         t.push("floor.init_marker", f.marker_ms);
         f.end().await;
+        if qemu::extra_kernel_args().is_some() {
+            // The same floor without ALOFT_KERNEL_ARGS, for what the options change.
+            let f = floor_boot_with(env, FloorKind::Marker, None, false).await?;
+            t.push("floor.init_marker.without_kernel_args", f.marker_ms);
+            f.end().await;
+        }
         let f = floor_boot(env, FloorKind::Http, None).await?;
         t.push("floor.http.init_marker", f.marker_ms);
         t.push("floor.port_accepting", f.http_ms.unwrap_or_default());
@@ -959,6 +980,14 @@ async fn bench(env: &BenchEnv) -> Result<()> {
     );
     println!("(ratio: median/median; paired: median of the per-round ratios)");
     report(&t, "floor.init_marker", None, None);
+    if qemu::extra_kernel_args().is_some() {
+        report(
+            &t,
+            "floor.init_marker.without_kernel_args",
+            Some("floor.init_marker"),
+            None,
+        );
+    }
     report(&t, "floor.http.init_marker", None, None);
     report(&t, "floor.port_accepting", None, None);
     for (_, label) in tb_variants() {
