@@ -2482,12 +2482,25 @@ impl Agent {
         if m.state != MachineState::Started || extra.stop_requested {
             return false;
         }
+        // The restart policy's budget (reset by a user start) bounds these too.
+        let max = match m.config.restart.as_ref().map_or(0, |r| r.max_retries) {
+            n if n > 0 => n as u32,
+            _ => DEFAULT_MAX_RETRIES,
+        };
+        if extra.restarts >= max {
+            self.system_log(
+                id,
+                &format!("{why}; not restarting: {max} restarts used (start it to reset)"),
+            );
+            return false;
+        }
+        extra.restarts += 1;
         self.event(
             id,
             "restart",
             "restarting",
             "flyd",
-            Some(serde_json::json!({"reason": "unhealthy", "detail": why})),
+            Some(serde_json::json!({"reason": "unhealthy", "detail": why, "attempt": extra.restarts})),
         );
         self.system_log(id, &format!("restarting: {why}"));
         extra.restart_pending = true;

@@ -107,8 +107,10 @@ pub(crate) async fn run(agent: Agent) {
                     .failure_threshold
                     .filter(|n| *n > 0)
                     .unwrap_or(DEFAULT_FAILURE_THRESHOLD);
+                // Once per streak: a restart refused (its budget used up) is not
+                // asked for again until the check has passed.
                 if check.unhealthy.as_deref() == Some(UNHEALTHY_RESTART)
-                    && *failed >= threshold
+                    && *failed == threshold
                     && restart_for.is_none()
                 {
                     restart_for = Some(format!(

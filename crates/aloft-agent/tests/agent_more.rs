@@ -135,8 +135,10 @@ fn config(image: &str, volume: &str) -> MachineConfig {
             path: "/data".into(),
             ..Default::default()
         }],
+        // One restart in the budget, for unhealthy restarts too.
         restart: Some(MachineRestart {
             policy: "no".into(),
+            max_retries: 1,
             ..Default::default()
         }),
         ..Default::default()
@@ -404,6 +406,30 @@ async fn checks_ps_memory_snapshots_cordon_and_unhealthy_restart() {
     assert_ne!(pid_before, pid_after, "a new VM after the restart");
     // The volume survived the restart.
     assert_eq!(sh(&a, &id, "cat /data/f").await.trim(), "v2");
+    // Failing again with the restart budget (max_retries = 1) used: reported, logged,
+    // not restarted.
+    sh(&a, &id, "rm /tmp/healthy").await;
+    eventually("restart refused", 60, || async {
+        let logs = a.logs(APP, &id, None).await.ok()?;
+        logs.iter()
+            .any(|l| l.stream == "system" && l.message.contains("not restarting: 1 restarts used"))
+            .then_some(())
+    })
+    .await;
+    let restarts = a.machine_events(APP, &id).await.unwrap();
+    assert_eq!(
+        restarts.iter().filter(|e| e.kind == "restart").count(),
+        1,
+        "{restarts:#?}"
+    );
+    assert_eq!(
+        a.get_machine(APP, &id).await.unwrap().state,
+        MachineState::Started
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("machines").join(&id).join("qemu.pid")).unwrap(),
+        pid_after
+    );
 
     // 7. A restarted agent drops snapshot files no record names (a copy cut short by
     //    a crash), keeps the others; snapshots go with their volume.
