@@ -93,7 +93,9 @@ impl AcmeConfig {
             stale_after: Duration::from_secs(600),
             order_timeout: Duration::from_secs(120),
             max_poll_delay: Duration::from_secs(5),
-            rescan_every: Duration::from_secs(3600),
+            // Renewals need no hurry; a catalog whose watch misses other processes'
+            // writes (SQLite shared by separate daemons) is caught up within a minute.
+            rescan_every: Duration::from_secs(60),
             renew_retry: Duration::from_secs(3600),
         }
     }
