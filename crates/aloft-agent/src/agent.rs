@@ -2109,6 +2109,34 @@ impl AgentApi for Agent {
 const CONSOLE_START: Duration = Duration::from_secs(15);
 /// How long a console command may outlive its client after the hang-up.
 const CONSOLE_HANGUP_GRACE: Duration = Duration::from_secs(10);
+/// Output frames a console may queue for a client that reads slower than the command
+/// writes (a guest frame holds at most ~272 KiB, so a few MiB at worst). The guest
+/// protocol has no flow control, so a client that falls this far behind is told so
+/// and the command is hung up, rather than the host buffering without end.
+pub(crate) const CONSOLE_OUTPUT_FRAMES: usize = 16;
+
+/// Queues `item` for the console's client; `false` (after queuing a note saying why)
+/// when the client has fallen [`CONSOLE_OUTPUT_FRAMES`] behind. A client that is gone
+/// (receiver dropped) is not an overrun: its hang-up arrives through the input side.
+fn console_forward(
+    out_tx: &tokio::sync::mpsc::Sender<crate::api::ConsoleOutput>,
+    id: &str,
+    item: crate::api::ConsoleOutput,
+) -> bool {
+    if out_tx.is_closed() {
+        return true;
+    }
+    if out_tx.capacity() <= 1 {
+        let note = format!(
+            "\r\naloft: console on machine {id}: the client fell {CONSOLE_OUTPUT_FRAMES} output \
+             frames behind the command; hanging it up\r\n"
+        );
+        let _ = out_tx.try_send(crate::api::ConsoleOutput::Stderr(note.into_bytes()));
+        return false;
+    }
+    let _ = out_tx.try_send(item);
+    true
+}
 
 /// Starts `req` in the guest behind `ch` and pumps it in a task: the client's input to
 /// the exec session, the session's events to the output channel, until the command
@@ -2133,7 +2161,7 @@ async fn start_console(
             cols: req.cols,
         })
         .map_err(internal)?;
-    let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(CONSOLE_OUTPUT_FRAMES);
     let output = |stream: Stream, data: Vec<u8>| match stream {
         Stream::Stdout => ConsoleOutput::Stdout(data),
         Stream::Stderr => ConsoleOutput::Stderr(data),
@@ -2143,7 +2171,8 @@ async fn start_console(
             match s.next_event().await {
                 Some(ExecEvent::Started { pid }) => return Ok(Some(pid)),
                 Some(ExecEvent::Output { stream, data }) => {
-                    let _ = out_tx.send(output(stream, data));
+                    // Before `Started` nobody reads yet; the queue bounds it.
+                    console_forward(&out_tx, id, output(stream, data));
                 }
                 Some(ExecEvent::Exit {
                     error: Some(message),
@@ -2155,7 +2184,7 @@ async fn start_console(
                     });
                 }
                 Some(ExecEvent::Exit { code, signal, .. }) => {
-                    let _ = out_tx.send(ConsoleOutput::Exit { code, signal });
+                    let _ = out_tx.try_send(ConsoleOutput::Exit { code, signal });
                     return Ok(None);
                 }
                 None => {
@@ -2181,6 +2210,8 @@ async fn start_console(
     if pid.is_some() {
         tokio::spawn(async move {
             let mut hangup_deadline: Option<tokio::time::Instant> = None;
+            let mut overrun = false;
+            let mut exit = None;
             loop {
                 let hangup = async {
                     match hangup_deadline {
@@ -2192,13 +2223,27 @@ async fn start_console(
                     ev = s.next_event() => match ev {
                         Some(ExecEvent::Started { .. }) => {}
                         Some(ExecEvent::Output { stream, data }) => {
-                            let _ = out_tx.send(output(stream, data));
+                            if !overrun && !console_forward(&out_tx, &machine, output(stream, data)) {
+                                // As if the client had left: it sees the note, then
+                                // the close (no more output); the command is hung up.
+                                overrun = true;
+                                if hangup_deadline.is_none() {
+                                    hangup_deadline = Some(tokio::time::Instant::now() + CONSOLE_HANGUP_GRACE);
+                                    let sent = if tty { s.stdin(b"\x03\x04", false) } else { s.stdin(&[], true) };
+                                    if sent.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
                         }
                         Some(ExecEvent::Exit { code, signal, error }) => {
-                            if let Some(e) = error {
-                                let _ = out_tx.send(ConsoleOutput::Stderr(format!("{e}\n").into_bytes()));
+                            if overrun {
+                                break;
                             }
-                            let _ = out_tx.send(ConsoleOutput::Exit { code, signal });
+                            if let Some(e) = error {
+                                console_forward(&out_tx, &machine, ConsoleOutput::Stderr(format!("{e}\n").into_bytes()));
+                            }
+                            exit = Some(ConsoleOutput::Exit { code, signal });
                             break;
                         }
                         None => break,
@@ -2228,6 +2273,11 @@ async fn start_console(
                         break;
                     }
                 }
+            }
+            // The command is over, so waiting for room cannot grow anything; a client
+            // that reads nothing at all is not waited for past the grace.
+            if let Some(exit) = exit {
+                let _ = tokio::time::timeout(CONSOLE_HANGUP_GRACE, out_tx.send(exit)).await;
             }
         });
     }
@@ -2561,5 +2611,43 @@ mod tests {
             (r.registry.as_str(), r.repository.as_str(), r.tag.as_str()),
             ("docker.io", "nginx", "latest")
         );
+    }
+}
+
+#[cfg(test)]
+mod console_tests {
+    use super::*;
+    use crate::api::ConsoleOutput;
+
+    /// A client that reads nothing gets at most the queue, the last slot being the
+    /// note that says why the session ends; one that is gone is no overrun.
+    #[tokio::test]
+    async fn console_output_queue_is_bounded() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(CONSOLE_OUTPUT_FRAMES);
+        let frame = || ConsoleOutput::Stdout(vec![b'x'; 1024]);
+        let mut accepted = 0;
+        while console_forward(&tx, "m1", frame()) {
+            accepted += 1;
+            assert!(accepted < 10 * CONSOLE_OUTPUT_FRAMES, "never refused");
+        }
+        assert_eq!(accepted, CONSOLE_OUTPUT_FRAMES - 1);
+        assert!(!console_forward(&tx, "m1", frame()));
+        let mut items = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            items.push(item);
+        }
+        assert_eq!(items.len(), CONSOLE_OUTPUT_FRAMES);
+        match items.last() {
+            Some(ConsoleOutput::Stderr(note)) => {
+                let note = String::from_utf8_lossy(note);
+                assert!(
+                    note.contains("machine m1") && note.contains("behind"),
+                    "{note}"
+                );
+            }
+            other => panic!("last item {other:?}"),
+        }
+        drop(rx);
+        assert!(console_forward(&tx, "m1", frame()));
     }
 }

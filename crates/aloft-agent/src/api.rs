@@ -181,12 +181,13 @@ pub enum ConsoleOutput {
 
 /// A started console command. Dropping `input` means the client went away: the agent
 /// then ends the command's stdin (pipes) or types ^C ^D (pty) as a hang-up.
-/// `output` closing without `Exit` means the guest connection was lost.
+/// `output` closing without `Exit` means the guest connection was lost, or the client
+/// fell too far behind the output (bounded queue; a note on stderr says so).
 #[derive(Debug)]
 pub struct ConsoleSession {
     pub pid: i32,
     pub input: tokio::sync::mpsc::Sender<ConsoleInput>,
-    pub output: tokio::sync::mpsc::UnboundedReceiver<ConsoleOutput>,
+    pub output: tokio::sync::mpsc::Receiver<ConsoleOutput>,
 }
 
 /// The operations of one host's agent.

@@ -41,6 +41,9 @@ pub const STDOUT: u8 = 1;
 pub const STDERR: u8 = 2;
 /// The shell run without `cmd`, and the interpreter of `cmd`.
 pub const SHELL: &str = "/bin/sh";
+/// The largest WebSocket message (and frame) a console client may send: stdin comes
+/// in chunks (the CLI's are 32 KiB), so a client cannot make the server hold more.
+pub const MAX_CLIENT_MESSAGE: usize = 256 * 1024;
 
 /// The query of the console route.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -116,7 +119,10 @@ pub async fn console(
     let agent = machine_agent(&state, &app, &id).await?;
     let session = agent.console(&app, &id, q.request()).await?;
     tracing::info!(app = %app, machine = %id, pid = session.pid, tty = q.tty, "console opened");
-    Ok(ws.on_upgrade(move |socket| pump(socket, session)))
+    Ok(ws
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| pump(socket, session)))
 }
 
 /// Moves frames between the socket and the session until the command exits or the

@@ -647,25 +647,29 @@ impl AgentApi for FakeAgent {
             }
         };
         let (in_tx, mut in_rx) = tokio::sync::mpsc::channel(16);
-        let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
         let (mut rows, mut cols) = (req.rows, req.cols);
         tokio::spawn(async move {
             let mut code = 0;
             for step in script.split(';').map(str::trim) {
                 if let Some(words) = step.strip_prefix("echo ") {
-                    let _ = out_tx.send(ConsoleOutput::Stdout(format!("{words}\n").into_bytes()));
+                    let _ = out_tx
+                        .send(ConsoleOutput::Stdout(format!("{words}\n").into_bytes()))
+                        .await;
                 } else if let Some(n) = step.strip_prefix("exit ") {
                     code = n.parse().unwrap_or(2);
                     break;
                 } else if step == "size" {
-                    let _ = out_tx.send(ConsoleOutput::Stdout(
-                        format!("{rows} {cols}\n").into_bytes(),
-                    ));
+                    let _ = out_tx
+                        .send(ConsoleOutput::Stdout(
+                            format!("{rows} {cols}\n").into_bytes(),
+                        ))
+                        .await;
                 } else if step == "cat" {
                     while let Some(input) = in_rx.recv().await {
                         match input {
                             ConsoleInput::Stdin(d) => {
-                                let _ = out_tx.send(ConsoleOutput::Stdout(d));
+                                let _ = out_tx.send(ConsoleOutput::Stdout(d)).await;
                             }
                             ConsoleInput::Resize { rows: r, cols: c } => (rows, cols) = (r, c),
                             ConsoleInput::Eof => break,
@@ -673,10 +677,12 @@ impl AgentApi for FakeAgent {
                     }
                 }
             }
-            let _ = out_tx.send(ConsoleOutput::Exit {
-                code: Some(code),
-                signal: None,
-            });
+            let _ = out_tx
+                .send(ConsoleOutput::Exit {
+                    code: Some(code),
+                    signal: None,
+                })
+                .await;
         });
         Ok(ConsoleSession {
             pid: 1,

@@ -649,7 +649,7 @@ impl AgentApi for FakeAgent {
         use aloft_agent::api::{ConsoleInput, ConsoleOutput, ConsoleSession};
         self.machine(app, id).await?;
         let (in_tx, mut in_rx) = tokio::sync::mpsc::channel(16);
-        let (out_tx, out_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
         let hello = format!(
             "{} tty={} {}x{}\n",
             req.command.join(" "),
@@ -657,7 +657,7 @@ impl AgentApi for FakeAgent {
             req.rows,
             req.cols
         );
-        let _ = out_tx.send(ConsoleOutput::Stdout(hello.into_bytes()));
+        let _ = out_tx.send(ConsoleOutput::Stdout(hello.into_bytes())).await;
         tokio::spawn(async move {
             while let Some(input) = in_rx.recv().await {
                 let out = match input {
@@ -667,12 +667,14 @@ impl AgentApi for FakeAgent {
                     }
                     ConsoleInput::Eof => break,
                 };
-                let _ = out_tx.send(out);
+                let _ = out_tx.send(out).await;
             }
-            let _ = out_tx.send(ConsoleOutput::Exit {
-                code: Some(0),
-                signal: None,
-            });
+            let _ = out_tx
+                .send(ConsoleOutput::Exit {
+                    code: Some(0),
+                    signal: None,
+                })
+                .await;
         });
         Ok(ConsoleSession {
             pid: 1,
