@@ -4,71 +4,21 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_agent::{Agent, AgentApi, AgentConfig, CreateMachine, StopOptions, WaitFor};
-use aloft_image::{ImageConfig, ImageStore};
 use aloft_store::{SqliteStore, Store};
-use aloft_types::machine::{
-    MachineConfig, MachineGuest, MachineInit, MachinePort, MachineRestart, MachineService,
-    MachineState,
-};
+use aloft_testkit::{BusyboxHttpd, init_bin, kernel_dir, web_machine_config};
+use aloft_types::machine::{MachineConfig, MachineInit, MachineRestart, MachineState};
 use aloft_vmm::{Accel, QemuVmm};
-
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    let bin = std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        });
-    assert!(
-        bin.is_file(),
-        "no static aloft-init at {} (run `cargo xtask test`)",
-        bin.display()
-    );
-    bin
-}
 
 /// A busybox image serving /www on port 8080, imported into the agent's image store.
 fn busybox_image(data: &Path) -> String {
-    let root = data.join("tree");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("busybox-static (cargo xtask setup)");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    std::fs::write(root.join("www/index.html"), "hello from aloft\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    let config = ImageConfig {
-        cmd: Some(vec![
-            "/bin/busybox".into(),
-            "httpd".into(),
-            "-f".into(),
-            "-v".into(),
-            "-p".into(),
-            "8080".into(),
-            "-h".into(),
-            "/www".into(),
-        ]),
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    };
-    let layout = data.join("layout");
-    aloft_image::pack_dir(&root, &config, "hello:v1", &layout).unwrap();
-    let store = ImageStore::open(data.join("images")).unwrap();
-    let imported = aloft_image::import(&store, &layout, &aloft_image::no_progress()).unwrap();
-    imported.record.digest
+    BusyboxHttpd::new("hello:v1")
+        .import(data, &data.join("images"))
+        .expect("busybox image (busybox-static: cargo xtask setup)")
 }
 
 async fn agent(data: &Path, store: Arc<dyn Store>) -> Agent {
@@ -77,7 +27,7 @@ async fn agent(data: &Path, store: Arc<dyn Store>) -> Agent {
         region: "ams".into(),
         data_dir: data.to_path_buf(),
         kernel_dir: kernel_dir(),
-        init_bin: init_bin(),
+        init_bin: init_bin().expect("static guest init"),
         memory_mb_total: 4096,
         cpus_total: 8,
         accel: Accel::Auto,
@@ -89,30 +39,7 @@ async fn agent(data: &Path, store: Arc<dyn Store>) -> Agent {
 }
 
 fn web_config(image: &str) -> MachineConfig {
-    MachineConfig {
-        image: image.to_string(),
-        guest: Some(MachineGuest {
-            cpu_kind: "shared".into(),
-            cpus: 1,
-            memory_mb: 128,
-            ..Default::default()
-        }),
-        services: vec![MachineService {
-            protocol: "tcp".into(),
-            internal_port: 8080,
-            ports: vec![MachinePort {
-                port: Some(80),
-                handlers: vec!["http".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        restart: Some(MachineRestart {
-            policy: "no".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    web_machine_config(image, 128)
 }
 
 fn http_get(port: u16) -> std::io::Result<String> {

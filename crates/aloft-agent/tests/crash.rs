@@ -21,11 +21,9 @@ use std::time::{Duration, Instant};
 use aloft_agent::{
     Agent, AgentApi, AgentConfig, CreateMachine, FAULT_ENV, StopOptions, UpdateMachine, WaitFor,
 };
-use aloft_image::{ImageConfig, ImageStore};
 use aloft_store::{SqliteStore, Store};
-use aloft_types::machine::{
-    MachineConfig, MachineGuest, MachinePort, MachineRestart, MachineService, MachineState,
-};
+use aloft_testkit::{BusyboxHttpd, init_bin, kernel_dir, web_machine_config};
+use aloft_types::machine::{MachineConfig, MachineRestart, MachineState};
 use aloft_vmm::{Accel, QemuVmm};
 
 /// Set in a re-executed child: the data directory its agent works on.
@@ -53,59 +51,12 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 const SETTLE: Duration = Duration::from_secs(90);
 
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    let bin = std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        });
-    assert!(
-        bin.is_file(),
-        "no static aloft-init at {} (run `cargo xtask test`)",
-        bin.display()
-    );
-    bin
-}
-
 /// A busybox image serving /www on port 8080, imported into the image store at
 /// `shared/images`; returns its digest.
 fn busybox_image(shared: &Path) -> String {
-    let root = shared.join("tree");
-    std::fs::create_dir_all(root.join("bin")).unwrap();
-    std::fs::create_dir_all(root.join("www")).unwrap();
-    std::fs::create_dir_all(root.join("etc")).unwrap();
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("busybox-static (cargo xtask setup)");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    std::fs::write(root.join("www/index.html"), "hello from aloft\n").unwrap();
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    let config = ImageConfig {
-        cmd: Some(vec![
-            "/bin/busybox".into(),
-            "httpd".into(),
-            "-f".into(),
-            "-v".into(),
-            "-p".into(),
-            "8080".into(),
-            "-h".into(),
-            "/www".into(),
-        ]),
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    };
-    let layout = shared.join("layout");
-    aloft_image::pack_dir(&root, &config, "hello:v1", &layout).unwrap();
-    let store = ImageStore::open(shared.join("images")).unwrap();
-    let imported = aloft_image::import(&store, &layout, &aloft_image::no_progress()).unwrap();
-    imported.record.digest
+    BusyboxHttpd::new("hello:v1")
+        .import(shared, &shared.join("images"))
+        .expect("busybox image (busybox-static: cargo xtask setup)")
 }
 
 fn agent_config(data: &Path) -> AgentConfig {
@@ -114,7 +65,7 @@ fn agent_config(data: &Path) -> AgentConfig {
         region: "ams".into(),
         data_dir: data.to_path_buf(),
         kernel_dir: kernel_dir(),
-        init_bin: init_bin(),
+        init_bin: init_bin().expect("static guest init"),
         memory_mb_total: 16_384,
         cpus_total: 64,
         accel: Accel::Auto,
@@ -134,29 +85,12 @@ async fn open_agent(data: &Path) -> (Agent, Arc<dyn Store>) {
 
 fn web_config(image: &str, version: &str, policy: &str, memory_mb: i64) -> MachineConfig {
     MachineConfig {
-        image: image.to_string(),
-        guest: Some(MachineGuest {
-            cpu_kind: "shared".into(),
-            cpus: 1,
-            memory_mb,
-            ..Default::default()
-        }),
         env: BTreeMap::from([("CONFIG_VERSION".to_string(), version.to_string())]),
-        services: vec![MachineService {
-            protocol: "tcp".into(),
-            internal_port: 8080,
-            ports: vec![MachinePort {
-                port: Some(80),
-                handlers: vec!["http".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
         restart: Some(MachineRestart {
             policy: policy.into(),
             ..Default::default()
         }),
-        ..Default::default()
+        ..web_machine_config(image, memory_mb)
     }
 }
 

@@ -3,86 +3,13 @@
 //! different organisations cannot; the host reaches every machine; destroy removes
 //! the TAP.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_agent::{Agent, AgentApi, AgentConfig, CreateMachine, net};
-use aloft_image::{ImageConfig, ImageStore};
 use aloft_store::{SqliteStore, Store};
-use aloft_types::machine::{
-    MachineConfig, MachineGuest, MachinePort, MachineRestart, MachineService,
-};
+use aloft_testkit::{BusyboxHttpd, init_bin_path, kernel_dir, web_machine_config};
 use aloft_vmm::{Accel, QemuVmm};
-
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        })
-}
-
-fn image(data: &Path) -> String {
-    let root = data.join("tree");
-    for d in ["bin", "www", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
-    std::fs::write(root.join("www/index.html"), "private hello\n").unwrap();
-    let config = ImageConfig {
-        cmd: Some(
-            ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        ),
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    };
-    let layout = data.join("layout");
-    aloft_image::pack_dir(&root, &config, "net:v1", &layout).unwrap();
-    let store = ImageStore::open(data.join("images")).unwrap();
-    aloft_image::import(&store, &layout, &aloft_image::no_progress())
-        .unwrap()
-        .record
-        .digest
-}
-
-fn config(image: &str) -> MachineConfig {
-    MachineConfig {
-        image: image.into(),
-        guest: Some(MachineGuest {
-            cpu_kind: "shared".into(),
-            cpus: 1,
-            memory_mb: 96,
-            ..Default::default()
-        }),
-        services: vec![MachineService {
-            protocol: "tcp".into(),
-            internal_port: 8080,
-            ports: vec![MachinePort {
-                port: Some(80),
-                handlers: vec!["http".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        restart: Some(MachineRestart {
-            policy: "no".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -98,7 +25,11 @@ async fn organisations_are_isolated_on_the_private_network() {
     assert!(is_root(), "TAP networking needs root (CI runs as root)");
     let work = tempfile::tempdir().unwrap();
     let data = work.path();
-    let digest = image(data);
+    let digest = BusyboxHttpd::new("net:v1")
+        .page("private hello\n")
+        .quiet()
+        .import(data, &data.join("images"))
+        .unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(data.join("catalog.db")).await.unwrap());
     // A host id unique to this run, so parallel runs do not share TAP names.
     let host = format!("nettest-{}", std::process::id());
@@ -107,7 +38,7 @@ async fn organisations_are_isolated_on_the_private_network() {
         region: "ams".into(),
         data_dir: data.to_path_buf(),
         kernel_dir: kernel_dir(),
-        init_bin: init_bin(),
+        init_bin: init_bin_path(),
         memory_mb_total: 4096,
         cpus_total: 8,
         accel: Accel::Auto,
@@ -124,7 +55,7 @@ async fn organisations_are_isolated_on_the_private_network() {
             .create_machine(CreateMachine {
                 app: app.into(),
                 org: org.into(),
-                config: config(&digest),
+                config: web_machine_config(&digest, 96),
                 ..Default::default()
             })
             .await
