@@ -197,6 +197,14 @@ fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// Constant-time equality of two byte strings (their length is not secret): for
+/// token hashes and MACs, so that the time a refusal takes says nothing of how much
+/// of a guess matched.
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
 /// Creates a token for `org` (or one `app` of it) with `role`, and returns its
 /// plaintext — the only time it exists outside the caller.
 pub async fn create_token(
@@ -287,7 +295,9 @@ pub async fn verify_token(store: &dyn Store, token: &str) -> Result<Option<Princ
     let Some(rec) = read_record::<TokenRecord>(store, &token_key(id)).await? else {
         return Ok(None);
     };
-    if rec.hash != hash_secret(secret) || rec.expires_at.is_some_and(|e| e <= unix_now()) {
+    if !ct_eq(rec.hash.as_bytes(), hash_secret(secret).as_bytes())
+        || rec.expires_at.is_some_and(|e| e <= unix_now())
+    {
         return Ok(None);
     }
     Ok(Some(Principal {

@@ -577,17 +577,9 @@ pub fn verify(kind: KeyType, secret: &[u8], msg: &[u8], sig: &[u8]) -> Result<bo
             Ok(sk.verifying_key().verify_strict(msg, &sig).is_ok())
         }
         KeyType::Hs256 | KeyType::Hs384 | KeyType::Hs512 | KeyType::NaclAuth => {
-            use subtle_eq::ct_eq;
-            Ok(ct_eq(&mac(kind, secret, msg), sig))
+            Ok(crate::auth::ct_eq(&mac(kind, secret, msg), sig))
         }
         _ => Err(format!("{} keys cannot verify", kind.name())),
-    }
-}
-
-mod subtle_eq {
-    /// Constant-time equality of two byte strings (length is not secret).
-    pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 }
 
