@@ -81,6 +81,8 @@ pub struct AcmeConfig {
     pub rescan_every: Duration,
     /// How long a failed renewal of a still-valid certificate waits before the next try.
     pub renew_retry: Duration,
+    /// Orders one proxy works on at once (more wait, unclaimed, for a turn).
+    pub max_concurrent: usize,
 }
 
 impl AcmeConfig {
@@ -97,6 +99,7 @@ impl AcmeConfig {
             // writes (SQLite shared by separate daemons) is caught up within a minute.
             rescan_every: Duration::from_secs(60),
             renew_retry: Duration::from_secs(3600),
+            max_concurrent: 4,
         }
     }
 }
@@ -384,8 +387,10 @@ pub struct AcmeWorker {
     challenges: Option<Arc<Challenges>>,
     tls: Option<Arc<crate::tls::Certs>>,
     account: tokio::sync::Mutex<Option<Account>>,
-    /// Hostnames this worker is issuing now.
+    /// Hostnames this worker is issuing (or waiting to) now.
     busy: Mutex<HashSet<String>>,
+    /// Turns to issue, [`AcmeConfig::max_concurrent`] of them.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl AcmeWorker {
@@ -398,6 +403,7 @@ impl AcmeWorker {
         challenges: Option<Arc<Challenges>>,
         tls: Option<Arc<crate::tls::Certs>>,
     ) -> Arc<Self> {
+        let cfg_turns = cfg.max_concurrent.max(1);
         Arc::new(AcmeWorker {
             store,
             cfg,
@@ -405,6 +411,7 @@ impl AcmeWorker {
             tls,
             account: tokio::sync::Mutex::new(None),
             busy: Mutex::new(HashSet::new()),
+            turns: Arc::new(tokio::sync::Semaphore::new(cfg_turns)),
         })
     }
 
@@ -485,14 +492,17 @@ impl AcmeWorker {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let host = rec.hostname.clone();
-            me.claim_and_issue(rec, revision, d).await;
+            // Claimed only once it is this record's turn: a claim is never left waiting.
+            if let Ok(_turn) = Arc::clone(&me.turns).acquire_owned().await {
+                me.claim_and_issue(rec, revision, d).await;
+            }
             if let Ok(mut busy) = me.busy.lock() {
                 busy.remove(&host);
             }
         });
     }
 
-    async fn claim_and_issue(&self, mut rec: CertRecord, revision: u64, d: Due) {
+    async fn claim_and_issue(&self, mut rec: CertRecord, mut revision: u64, mut d: Due) {
         let key = cert_key(&rec.hostname);
         // A deleted app's leftover record is not issued or renewed.
         match self.store.get(&app_key(&rec.app)).await {
@@ -506,23 +516,37 @@ impl AcmeWorker {
                 return;
             }
         }
-        rec.status = CertStatus::Issuing;
-        rec.updated_at = now_rfc3339();
-        let Ok(value) = serde_json::to_vec(&rec) else {
-            return;
-        };
-        // The claim: only one proxy moves this revision on.
-        let claimed = match self
-            .store
-            .put_if(&key, value, Expect::Revision(revision))
-            .await
-        {
-            Ok(r) => r,
-            Err(StoreError::Conflict { .. }) => return,
-            Err(e) => {
-                tracing::warn!(hostname = %rec.hostname, "acme: claim failed: {e}");
+        // The claim: only one proxy moves this revision on. A record changed since it
+        // was seen is looked at again (another proxy's fresh claim is then not due).
+        let claimed = loop {
+            rec.status = CertStatus::Issuing;
+            rec.updated_at = now_rfc3339();
+            let Ok(value) = serde_json::to_vec(&rec) else {
+                return;
+            };
+            match self
+                .store
+                .put_if(&key, value, Expect::Revision(revision))
+                .await
+            {
+                Ok(r) => break r,
+                Err(StoreError::Conflict { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(hostname = %rec.hostname, "acme: claim failed: {e}");
+                    return;
+                }
+            }
+            let Ok(Some(e)) = self.store.get(&key).await else {
+                return;
+            };
+            let Ok(now) = serde_json::from_slice::<CertRecord>(&e.value) else {
+                return;
+            };
+            d = due(&now, OffsetDateTime::now_utc(), &self.cfg);
+            if d == Due::No {
                 return;
             }
+            (rec, revision) = (now, e.revision);
         };
         tracing::info!(hostname = %rec.hostname, reason = ?d, "acme: issuing");
         let budget = self.cfg.stale_after / 2;
