@@ -4,70 +4,18 @@
 //! deploy whose check never passes rolling back, and app destroy leaving nothing.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use aloft_testkit::{
+    BusyboxHttpd, DevChild, dev_command, free_port, init_bin, kernel_dir, poll_for,
+};
+
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_aloft")
-}
-
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    let bin = std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        });
-    assert!(
-        bin.is_file(),
-        "no static aloft-init at {} (run `cargo xtask test`)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `aloft dev` in a child process; stopped (and its VMs with it) on drop.
-struct Dev {
-    child: Child,
-    data: PathBuf,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Never leave a VM behind, whatever happened.
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", &self.data.display().to_string()])
-            .status();
-    }
 }
 
 fn aloft(data: &Path, cwd: &Path, args: &[&str]) -> Output {
@@ -94,35 +42,10 @@ fn ok(out: Output, what: &str) -> String {
 
 /// Builds an image `name` serving `page` with busybox httpd and imports it.
 fn image(data: &Path, work: &Path, name: &str, page: &str) {
-    let tree = work.join(format!("tree-{}", name.replace(':', "-")));
-    std::fs::create_dir_all(tree.join("bin")).unwrap();
-    std::fs::create_dir_all(tree.join("www")).unwrap();
-    std::fs::create_dir_all(tree.join("etc")).unwrap();
-    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).expect("busybox-static");
-    std::os::unix::fs::symlink("busybox", tree.join("bin/sh")).unwrap();
-    std::fs::write(tree.join("www/index.html"), page).unwrap();
-    std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    let config = aloft_image::ImageConfig {
-        cmd: Some(
-            [
-                "/bin/busybox",
-                "httpd",
-                "-f",
-                "-v",
-                "-p",
-                "8080",
-                "-h",
-                "/www",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ),
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    };
-    let layout = work.join(format!("layout-{}", name.replace(':', "-")));
-    aloft_image::pack_dir(&tree, &config, name, &layout).unwrap();
+    let layout = BusyboxHttpd::new(name)
+        .page(page)
+        .pack(work)
+        .expect("busybox image (busybox-static: cargo xtask setup)");
     ok(
         aloft(
             data,
@@ -201,27 +124,12 @@ fn deploy_serve_roll_and_destroy() {
     image(&data, work.path(), "hello:v1", "version one\n");
     image(&data, work.path(), "hello:v2", "version two\n");
 
-    let api = free_port();
-    let proxy = free_port();
-    let child = Command::new(bin())
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["dev", "--regions", "local"])
-        .args(["--api-listen", &format!("127.0.0.1:{api}")])
-        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
-        .env("ALOFT_INIT_BIN", init_bin())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _dev = Dev {
-        child,
-        data: data.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !data.join("dev.json").exists() {
-        assert!(Instant::now() < deadline, "aloft dev did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (api, proxy) = (free_port().unwrap(), free_port().unwrap());
+    let mut cmd = dev_command(Path::new(bin()), &data, api, proxy);
+    cmd.env("ALOFT_INIT_BIN", init_bin().expect("static guest init"));
+    let mut dev = DevChild::spawn(cmd, &data).unwrap();
+    dev.wait_ready(Duration::from_secs(60))
+        .expect("aloft dev did not start");
 
     ok(
         aloft(&data, &app_dir, &["apps", "create", "hello"]),
@@ -243,15 +151,16 @@ fn deploy_serve_roll_and_destroy() {
     let ids = machine_ids(&data, &app_dir);
     assert_eq!(ids.len(), 2, "{ids:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((200, body)) = get(proxy, "hello.aloft.localhost") {
-            assert!(body.contains("version one"), "{body}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "v1 not served through the proxy");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let body = poll_for(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || match get(proxy, "hello.aloft.localhost") {
+            Ok((200, body)) => Some(body),
+            _ => None,
+        },
+    )
+    .expect("v1 not served through the proxy");
+    assert!(body.contains("version one"), "{body}");
 
     // v2, rolling, under a request loop: not one request may fail.
     let stop = Arc::new(AtomicBool::new(false));
