@@ -15,11 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aloft_agent::{Agent, AgentApi, AgentConfig, CreateMachine, StopOptions};
-use aloft_image::{ImageConfig, ImageStore};
 use aloft_store::{SqliteStore, Store};
-use aloft_types::machine::{
-    MachineConfig, MachineGuest, MachinePort, MachineRestart, MachineService, MachineState,
-};
+use aloft_testkit::{BusyboxHttpd, web_machine_config};
+use aloft_types::machine::MachineState;
 use aloft_vmm::{Accel, QemuVmm};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -47,30 +45,9 @@ pub fn run(machines: usize) -> Result<()> {
 
 /// A busybox image serving /www on 8080, imported into the agent's image store.
 fn busybox_image(data: &Path) -> Result<String> {
-    let root = data.join("tree");
-    for d in ["bin", "www", "etc"] {
-        std::fs::create_dir_all(root.join(d))?;
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
-    std::fs::write(root.join("www/index.html"), "hello from aloft\n")?;
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
-    std::fs::write(root.join("etc/group"), "root:x:0:\n")?;
-    let config = ImageConfig {
-        cmd: Some(
-            ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        ),
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    };
-    let layout = data.join("layout");
-    aloft_image::pack_dir(&root, &config, "bench:v1", &layout)?;
-    let store = ImageStore::open(data.join("images"))?;
-    let imported = aloft_image::import(&store, &layout, &aloft_image::no_progress())?;
-    Ok(imported.record.digest)
+    Ok(BusyboxHttpd::new("bench:v1")
+        .quiet()
+        .import(data, &data.join("images"))?)
 }
 
 async fn open_agent(env: &BenchEnv, data: &Path, store: Arc<dyn Store>) -> Result<Agent> {
@@ -90,40 +67,13 @@ async fn open_agent(env: &BenchEnv, data: &Path, store: Arc<dyn Store>) -> Resul
     Ok(Agent::open(cfg, store, Arc::new(QemuVmm)).await?)
 }
 
-fn web_config(image: &str) -> MachineConfig {
-    MachineConfig {
-        image: image.to_string(),
-        guest: Some(MachineGuest {
-            cpu_kind: "shared".into(),
-            cpus: 1,
-            memory_mb: MEMORY_MB,
-            ..Default::default()
-        }),
-        services: vec![MachineService {
-            protocol: "tcp".into(),
-            internal_port: 8080,
-            ports: vec![MachinePort {
-                port: Some(80),
-                handlers: vec!["http".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        restart: Some(MachineRestart {
-            policy: "no".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
 /// Creates one machine; returns its id and the ms until it was `started`.
 async fn create(a: &Agent, image: &str) -> Result<(String, f64)> {
     let t = Instant::now();
     let m = a
         .create_machine(CreateMachine {
             app: APP.into(),
-            config: web_config(image),
+            config: web_machine_config(image, MEMORY_MB),
             secrets: BTreeMap::new(),
             ..Default::default()
         })

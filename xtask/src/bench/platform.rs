@@ -2,47 +2,22 @@
 //! in a temporary data directory with the demo image, and drive it over HTTP and the CLI.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use aloft_testkit::{DevChild, dev_command, free_port, httpd_config, kernel_dir};
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use crate::util::step;
 
+/// A running `aloft dev` (stopped with its VMs on drop) and where to reach it.
 struct Dev {
-    child: Child,
-    data: PathBuf,
+    child: DevChild,
     api: String,
     token: String,
     proxy: String,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", &self.data.display().to_string()])
-            .status();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn repo() -> Result<PathBuf> {
@@ -70,41 +45,17 @@ fn start_dev(bin: &Path, work: &Path, kernel: &Path) -> Result<Dev> {
         bail!("image import: {}", String::from_utf8_lossy(&out.stderr));
     }
     let (api_port, proxy_port) = (free_port()?, free_port()?);
-    let child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["dev", "--regions", "local"])
-        .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
-        .args(["--proxy-listen", &format!("127.0.0.1:{proxy_port}")])
-        .args(["--memory-mb", "16384"])
-        .env("ALOFT_INIT_BIN", crate::setup::guest_init_path())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting aloft dev")?;
-    let mut dev = Dev {
+    let mut cmd = dev_command(bin, &data, api_port, proxy_port);
+    cmd.args(["--memory-mb", "16384"])
+        .env("ALOFT_INIT_BIN", crate::setup::guest_init_path());
+    let mut child = DevChild::spawn(cmd, &data)?.stop_within(Duration::from_secs(60));
+    let info = child.wait_ready(Duration::from_secs(60))?;
+    Ok(Dev {
         child,
-        data: data.clone(),
-        api: String::new(),
-        token: String::new(),
+        api: info.api_url,
+        token: info.token,
         proxy: format!("127.0.0.1:{proxy_port}"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !data.join("dev.json").exists() {
-        if Instant::now() > deadline {
-            bail!("aloft dev did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let v: Value = serde_json::from_slice(&std::fs::read(data.join("dev.json"))?)?;
-    dev.api = v["api_url"].as_str().unwrap_or_default().to_string();
-    dev.token = v["token"].as_str().unwrap_or_default().to_string();
-    Ok(dev)
-}
-
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
+    })
 }
 
 fn machine_config() -> Value {
@@ -243,7 +194,7 @@ pub fn deploy() -> Result<()> {
         let t = Instant::now();
         let out = Command::new(&bin)
             .arg("--data-dir")
-            .arg(&dev.data)
+            .arg(dev.child.data())
             .args(args)
             .current_dir(&app_dir)
             .output()?;
@@ -264,25 +215,7 @@ pub fn deploy() -> Result<()> {
     step("importing hello:v2 (image phase)");
     let tree = work.path().join("rootfs");
     std::fs::write(tree.join("www/index.html"), "version two\n")?;
-    let config = aloft_image::ImageConfig {
-        cmd: Some(
-            [
-                "/bin/busybox",
-                "httpd",
-                "-f",
-                "-v",
-                "-p",
-                "8080",
-                "-h",
-                "/www",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-        ),
-        env: vec!["PATH=/bin".into()],
-        ..Default::default()
-    };
+    let config = httpd_config(true);
     let layout = work.path().join("layout-v2");
     let t = Instant::now();
     aloft_image::pack_dir(&tree, &config, "hello:v2", &layout)
