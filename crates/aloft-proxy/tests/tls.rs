@@ -165,6 +165,12 @@ async fn alpn_h2_round_trip() {
     .await
     .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // The server's suite order wins: AES-128-GCM/SHA-256 although the client lists
+    // AES-256-GCM/SHA-384 first.
+    assert_eq!(
+        s.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
     let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<Bytes>>(
         TokioExecutor::new(),
         TokioIo::new(s),
@@ -305,7 +311,14 @@ async fn tls_alpn_01_challenge_is_answered_from_its_record() {
         Arc::clone(proxy.routes.certs()),
     ));
     let ca = LocalCa::generate().unwrap();
-    let (challenge_pem, challenge_key) = ca.issue(&["acme.test"]).unwrap();
+    // An RFC 8737 certificate: self-signed, with the critical acmeIdentifier extension.
+    let (challenge_pem, challenge_key) = {
+        let mut p = rcgen::CertificateParams::new(vec!["acme.test".to_string()]).unwrap();
+        p.custom_extensions
+            .push(rcgen::CustomExtension::new_acme_identifier(&[7u8; 32]));
+        let key = rcgen::KeyPair::generate().unwrap();
+        (p.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    };
     let (normal_pem, normal_key) = ca.issue(&["acme.test"]).unwrap();
     let record = AcmeChallengeRecord {
         schema: 1,
@@ -335,12 +348,23 @@ async fn tls_alpn_01_challenge_is_answered_from_its_record() {
     })
     .await;
 
-    let acme_cfg = client_config(ca.cert_pem(), &[b"acme-tls/1"]);
+    // Like an ACME validator, the client checks the certificate itself.
+    let acme_cfg = {
+        let mut c = (*client_config(ca.cert_pem(), &[b"acme-tls/1"])).clone();
+        c.dangerous()
+            .set_certificate_verifier(Arc::new(AcceptAny(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))));
+        Arc::new(c)
+    };
     let mut s = handshake(proxy.addr, "acme.test", acme_cfg.clone())
         .await
         .unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
     assert_eq!(leaf(&s), pem_leaf(&challenge_pem), "challenge certificate");
+    // id-pe-acmeIdentifier (1.3.6.1.5.5.7.1.31), then critical, then the digest.
+    let oid = [0x06, 0x08, 0x2B, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1F];
+    assert!(leaf(&s).windows(oid.len()).any(|w| w == oid));
     // The proxy closes after the handshake.
     let mut buf = [0u8; 16];
     let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
@@ -444,4 +468,44 @@ async fn tls_ports_terminate_tls_on_ports_services_name_as_http() {
     .unwrap();
     let resp = http1_get(s, "web.test").await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// Accepts any server certificate: the test compares the certificate itself, as an
+/// ACME validator does for a TLS-ALPN-01 one (webpki cannot parse it).
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
