@@ -30,6 +30,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Principal, Role};
+use crate::error::ErrorResponse;
 use crate::machines::machine_agent;
 use crate::{ApiError, ApiState};
 
@@ -98,6 +99,25 @@ impl ConsoleQuery {
 }
 
 /// The handler: checks the role, starts the command, then upgrades.
+#[utoipa::path(get, path = "/apps/{app_name}/machines/{machine_id}/console", tag = "Machines",
+    operation_id = "Machines_console",
+    description = "An interactive command in a started machine over a WebSocket (an Aloft \
+        extension, behind `aloft ssh console`). Binary frames carry the stream in their first \
+        byte (0 stdin, 1 stdout, 2 stderr); text frames are JSON controls: \
+        `{\"type\":\"resize\",\"rows\":R,\"cols\":C}` and `{\"type\":\"eof\"}` from the client, \
+        `{\"type\":\"exit\",\"code\":N,\"signal\":N}` last from the server. Needs a deploy token.",
+    params(("app_name" = String, Path, description = "Fly App Name"),
+        ("machine_id" = String, Path, description = "Machine ID"),
+        ("cmd" = Option<String>, Query, description = "Command line, run as `/bin/sh -c CMD` (default: `/bin/sh`)"),
+        ("tty" = Option<bool>, Query, description = "Run on a pseudo-terminal"),
+        ("rows" = Option<u16>, Query, description = "The terminal's first height (default 24)"),
+        ("cols" = Option<u16>, Query, description = "The terminal's first width (default 80)"),
+        ("term" = Option<String>, Query, description = "The command's TERM with a tty (default xterm)")),
+    responses((status = 101, description = "Switching Protocols: the command runs; frames follow"),
+        (status = 400, description = "Bad Request (not a WebSocket upgrade, or the command cannot start)", body = ErrorResponse),
+        (status = 403, description = "Forbidden (the token is read-only)", body = ErrorResponse),
+        (status = 404, description = "Not Found", body = ErrorResponse),
+        (status = 409, description = "Conflict (the machine is not started)", body = ErrorResponse)))]
 pub async fn console(
     State(state): State<ApiState>,
     Path((app, id)): Path<(String, String)>,

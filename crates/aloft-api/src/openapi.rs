@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::{apps, certificates, error, ips, machines, oidc, releases, secretkeys, secrets, tokens, volumes};
+use crate::{apps, certificates, console, error, ips, machines, oidc, releases, secretkeys, secrets, tokens, volumes};
 
 /// Schemas of the `aloft-types` shapes the API returns, in Fly's JSON form. They
 /// describe the serialised types (checked by the test suite against real responses);
@@ -222,6 +222,7 @@ pub mod doc {
         ips::list, ips::create, ips::delete,
         volumes::org_list, tokens::placements, tokens::kms, oidc::token, oidc::jwks,
         oidc::discovery, tokens::list_tokens, tokens::create_token, tokens::revoke_token,
+        console::console,
     ),
     components(schemas(error::ErrorResponse, secrets::AppSecret)),
     modifiers(&BearerAuth),
