@@ -109,13 +109,20 @@ pub fn run(args: ProxyArgs, data_dir: &DataDir) -> Result<ExitCode> {
         }
     }
 
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One thread: a current-thread runtime polls the sockets and runs the requests on
+    // the same thread: no cross-thread wake-ups or work-stealing bookkeeping.
+    let mut rt = match args.threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     rt.enable_all();
     if let Some(n) = args.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rt.worker_threads(n);
+        if n > 1 {
+            rt.worker_threads(n);
+        }
     }
     let rt = rt.build().context("cannot start the async runtime")?;
     rt.block_on(serve(args, listens, routes, acme))
