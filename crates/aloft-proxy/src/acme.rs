@@ -1032,7 +1032,7 @@ mod tests {
     #[test]
     fn tls_alpn_cert_carries_critical_acme_identifier() {
         let digest = [7u8; 32];
-        let (pem, _key) = tls_alpn01_cert("a.example.com", &digest).unwrap();
+        let (pem, key) = tls_alpn01_cert("a.example.com", &digest).unwrap();
         let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let cert = p.parse_x509().unwrap();
         let oid = x509_parser::oid_registry::Oid::from(&[1, 3, 6, 1, 5, 5, 7, 1, 31]).unwrap();
@@ -1045,5 +1045,7 @@ mod tests {
         // DER OCTET STRING of 32 bytes.
         assert_eq!(&ext.value[..2], &[0x04, 0x20]);
         assert_eq!(&ext.value[2..], &digest);
+        // The TLS acceptor can serve it.
+        crate::tls::challenge_key("a.example.com", &pem, &key).unwrap();
     }
 }

@@ -407,9 +407,6 @@ async fn http01_issues_a_certificate_that_verifies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "tls::certified_key refuses RFC 8737 challenge certificates (webpki rejects the \
-            critical acmeIdentifier extension in CertifiedKey::from_der); run with --ignored \
-            once tls.rs loads challenge keys without that check"]
 async fn tls_alpn01_issues_and_the_proxy_serves_the_certificate() {
     use rustls::pki_types::ServerName;
     use rustls::pki_types::pem::PemObject;
