@@ -443,6 +443,13 @@ async fn run_vm(args: RunArgs, data_dir: &DataDir) -> Result<u8> {
     if args.boot_timeline && !timeline_printed {
         timeline.print(&console, first_line.borrow().clone());
     }
+    // A reader that lagged behind a flood of output may have missed the `Exit` frame;
+    // the channel's state has it.
+    if exit.is_none()
+        && let Some(e) = chan.state().borrow().exit
+    {
+        exit = Some((e.code, e.signal, e.oom));
+    }
     drop(chan);
     match exit {
         Some((code, signal, oom)) => {
