@@ -628,20 +628,20 @@ pub async fn placements(
         wanted = served.clone();
     }
     if let Some(vol) = req.volume_name.as_deref().filter(|v| !v.is_empty()) {
-        let mut with_volume = std::collections::BTreeSet::new();
-        for e in state.store().list("volumes/").await?.entries {
-            let Ok(v) = serde_json::from_slice::<aloft_types::catalog::VolumeRecord>(&e.value)
-            else {
-                continue;
-            };
-            let rec: Option<AppRecord> = read_record(state.store(), &app_key(&v.app)).await?;
-            if rec.is_some_and(|a| a.org == who.org)
-                && v.volume.name == vol
-                && v.volume.attached_machine_id.is_none()
-            {
-                with_volume.insert(v.volume.region.clone());
-            }
-        }
+        // The volumes `/orgs/{org}/volumes` shows this token (an app token: its app's).
+        let with_volume: std::collections::BTreeSet<String> =
+            crate::volumes::org_volumes(&state, &who, &who.org)
+                .await?
+                .into_iter()
+                .map(|(_, v)| v)
+                .filter(|v| {
+                    v.name == vol
+                        && v.attached_machine_id.is_none()
+                        && v.state != "destroyed"
+                        && v.state != "destroying"
+                })
+                .map(|v| v.region)
+                .collect();
         wanted.retain(|r| with_volume.contains(*r));
     }
     let hosts: std::collections::HashMap<String, aloft_types::catalog::HostRecord> = state

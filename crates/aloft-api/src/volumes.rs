@@ -279,6 +279,29 @@ pub struct OrgVolumesResponse {
 /// Most volumes one org-wide page holds.
 const MAX_ORG_VOLUMES_PAGE: usize = 1000;
 
+/// The volumes of every app of `org` that `who` may see (an app token: its app's),
+/// with their app's name, as the agents report them.
+pub(crate) async fn org_volumes(
+    state: &ApiState,
+    who: &crate::auth::Principal,
+    org: &str,
+) -> Result<Vec<(String, Volume)>, ApiError> {
+    let mut all: Vec<(String, Volume)> = Vec::new();
+    for e in state.store().list("apps/").await?.entries {
+        let rec: aloft_types::catalog::AppRecord = serde_json::from_slice(&e.value)
+            .map_err(|err| ApiError::Internal(format!("catalog record {}: {err}", e.key)))?;
+        if rec.org != org || who.app.as_deref().is_some_and(|a| a != rec.name) {
+            continue;
+        }
+        for a in state.agents() {
+            for v in a.list_volumes(&rec.name).await? {
+                all.push((rec.name.clone(), v));
+            }
+        }
+    }
+    Ok(all)
+}
+
 /// Every volume of the organisation's apps (those the token may see).
 #[utoipa::path(get, path = "/orgs/{org_slug}/volumes", tag = "Volumes", operation_id = "Volumes_org_list",
     params(("org_slug" = String, Path, description = "Fly Organization Slug"),
@@ -322,19 +345,7 @@ pub async fn org_list(
     };
     let limit = (q.u64("limit")?.unwrap_or(MAX_ORG_VOLUMES_PAGE as u64) as usize)
         .clamp(1, MAX_ORG_VOLUMES_PAGE);
-    let mut all: Vec<(String, Volume)> = Vec::new();
-    for e in state.store().list("apps/").await?.entries {
-        let rec: aloft_types::catalog::AppRecord = serde_json::from_slice(&e.value)
-            .map_err(|err| ApiError::Internal(format!("catalog record {}: {err}", e.key)))?;
-        if rec.org != org || who.app.as_deref().is_some_and(|a| a != rec.name) {
-            continue;
-        }
-        for a in state.agents() {
-            for v in a.list_volumes(&rec.name).await? {
-                all.push((rec.name.clone(), v));
-            }
-        }
-    }
+    let mut all = org_volumes(&state, &who, &org).await?;
     all.retain(|(_, v)| {
         let deleted = v.state == "destroyed" || v.state == "destroying";
         (include_deleted || !deleted)

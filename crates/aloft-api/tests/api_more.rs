@@ -705,6 +705,27 @@ async fn org_volumes_list_every_app_the_token_sees() {
         get(&t, "/v1/orgs/other/volumes", a).await.status,
         StatusCode::NOT_FOUND
     );
+    // Placement by volume name sees the same volumes: `db` is vb's, in ams.
+    let place = |token: String| {
+        let t = &t;
+        async move {
+            let body = json!({"org_slug": "personal", "volume_name": "db"});
+            post(t, "/v1/platform/placements", &token, body).await
+        }
+    };
+    let r = place(a.clone()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let regions: Vec<&str> = r.body["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["region"].as_str().unwrap())
+        .collect();
+    assert_eq!(regions, ["ams"], "{}", r.body);
+    let va_deploy = t.token(Some("va"), Role::Deploy).await;
+    let r = place(va_deploy).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["regions"], json!([]), "va's token saw vb's volume");
     let r = get(&t, "/v1/orgs/personal/volumes?cursor=zzz", a).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = get(&t, "/v1/orgs/personal/volumes?limit=-1", a).await;
