@@ -591,3 +591,76 @@ async fn region_latency_orders_regions_and_delays_cross_region_forwards() {
         .unwrap();
     assert_eq!(held.body, "syd");
 }
+
+#[tokio::test]
+async fn a_successor_missing_an_address_does_not_take_over() {
+    let backend = TestBackend::start("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = dir.path().join("routes.toml");
+    std::fs::write(
+        &routes,
+        format!(
+            "[[apps]]\nname = \"partial\"\nhostnames = [\"*\"]\n[[apps.services]]\n\
+             internal_port = 8080\nports = [{{ port = 80, handlers = [\"http\"] }}]\n\
+             [[apps.machines]]\nid = \"m1\"\nregion = \"local\"\naddress = \"{}\"\n\
+             state = \"started\"\n",
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (addr, metrics) = (free(), free());
+    let sock = dir.path().join("handoff.sock");
+    let (addr_s, metrics_s) = (format!("{addr}=80"), metrics.to_string());
+    let (r, s) = (routes.to_str().unwrap(), sock.to_str().unwrap());
+    let mut old = ProxyProcess::start(&[
+        "--listen",
+        &addr_s,
+        "--routes",
+        r,
+        "--handoff-socket",
+        s,
+        "--metrics-listen",
+        &metrics_s,
+    ]);
+    old.wait_line("metrics on").await;
+    // No --metrics-listen: taking over would leave the metrics address unserved.
+    let mut new = ProxyProcess::start(&["--listen", &addr_s, "--routes", r, "--handoff-socket", s]);
+    let status = tokio::time::timeout(DEADLINE, new.child.wait())
+        .await
+        .expect("the successor gives up")
+        .unwrap();
+    assert!(!status.success());
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old proxy keeps running"
+    );
+    let mut c = Client::connect(addr).await;
+    assert_eq!(c.get("/", &[]).await.status, StatusCode::OK);
+    assert!(
+        get_text(metrics, "/metrics")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    // A complete successor still can take over afterwards.
+    let mut third = ProxyProcess::start(&[
+        "--listen",
+        &addr_s,
+        "--routes",
+        r,
+        "--handoff-socket",
+        s,
+        "--metrics-listen",
+        &metrics_s,
+    ]);
+    third.wait_line(&format!("took over {addr}")).await;
+    tokio::time::timeout(DEADLINE, old.child.wait())
+        .await
+        .expect("the old proxy drains and exits")
+        .unwrap();
+    let mut c = Client::connect(addr).await;
+    assert_eq!(c.get("/", &[]).await.status, StatusCode::OK);
+}

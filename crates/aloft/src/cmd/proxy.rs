@@ -183,7 +183,12 @@ async fn serve(
         if let Some(i) = inherited.take() {
             let left = i.remaining();
             if !left.is_empty() {
-                tracing::warn!(?left, "running proxy listens on addresses this one does not");
+                // Taking over would leave these addresses unserved once the old one
+                // drains; without `ready` it keeps serving everything.
+                bail!(
+                    "the running proxy also listens on {left:?}: start the new one with the \
+                     same --listen and --metrics-listen addresses"
+                );
             }
             i.ready()?;
         }
