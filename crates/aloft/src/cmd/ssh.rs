@@ -132,8 +132,8 @@ fn console_url(
     let base = api.base();
     let ws = if let Some(rest) = base.strip_prefix("http://") {
         format!("ws://{rest}")
-    } else if base.starts_with("https://") {
-        bail!("the console needs a plain-HTTP API URL (wss:// is not supported yet): {base}");
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
     } else {
         bail!("unexpected API URL {base}");
     };
@@ -152,6 +152,50 @@ fn console_url(
         url.push_str(&format!("&term={}", enc(&term)));
     }
     Ok(url)
+}
+
+/// A byte stream the WebSocket runs over: plain TCP or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+
+/// Opens the WebSocket of `req` (ws:// or wss://). wss:// trusts the roots the CLI's
+/// HTTP client trusts (the platform verifier: the system store, `SSL_CERT_FILE`).
+async fn open_ws(
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::UrlError;
+    let uri = req.uri().clone();
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err(WsError::Url(UrlError::UnsupportedUrlScheme)),
+    };
+    let host = uri
+        .host()
+        .ok_or(WsError::Url(UrlError::NoHostName))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Io> = if tls {
+        use rustls_platform_verifier::ConfigVerifierExt;
+        let tls_err = |e: rustls::Error| WsError::Io(std::io::Error::other(e));
+        let mut config = rustls::ClientConfig::with_platform_verifier().map_err(tls_err)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| WsError::Url(UrlError::NoHostName))?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        Box::new(connector.connect(name, tcp).await?)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    Ok(ws)
 }
 
 /// Reads stdin on a thread of its own (a blocked read must not hold up the exit):
@@ -223,7 +267,7 @@ async fn console(
             .context("the API token is not a valid header value")?;
         req.headers_mut().insert("authorization", value);
     }
-    let (ws, _) = match tokio_tungstenite::connect_async(req).await {
+    let ws = match open_ws(req).await {
         Ok(c) => c,
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
             let status = resp.status();
