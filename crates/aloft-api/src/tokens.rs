@@ -177,6 +177,22 @@ pub struct CreateAppDeployTokenRequest {
     pub expiry: Option<String>,
 }
 
+/// A token's lifetime from the request's `expiry` (a Go duration like "720h"); none
+/// or empty: no expiry.
+fn expiry(field: Option<&str>) -> Result<Option<std::time::Duration>, ApiError> {
+    match field.filter(|e| !e.is_empty()) {
+        None => Ok(None),
+        Some(e) => crate::util::parse_go_duration(e)
+            .filter(|d| !d.is_zero())
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "invalid field `expiry`: {e:?} is not a duration like \"720h\""
+                ))
+            }),
+    }
+}
+
 /// Fly's `CreateAppResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateAppResponse {
@@ -195,18 +211,7 @@ pub async fn deploy_token(
     Extension(who): Extension<Arc<Principal>>,
     JsonBody(req): JsonBody<CreateAppDeployTokenRequest>,
 ) -> Result<Json<CreateAppResponse>, ApiError> {
-    let ttl = match req.expiry.as_deref().filter(|e| !e.is_empty()) {
-        None => None,
-        Some(e) => Some(
-            crate::util::parse_go_duration(e)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "invalid field `expiry`: {e:?} is not a duration like \"720h\""
-                    ))
-                })?,
-        ),
-    };
+    let ttl = expiry(req.expiry.as_deref())?;
     let t = crate::auth::create_token_expiring(
         &state,
         &format!("deploy token for {app}"),
@@ -422,18 +427,7 @@ pub async fn create_token(
             "invalid field `role`: an app token is readonly or deploy, not admin".into(),
         ));
     }
-    let ttl = match req.expiry.as_deref().filter(|e| !e.is_empty()) {
-        None => None,
-        Some(e) => Some(
-            crate::util::parse_go_duration(e)
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "invalid field `expiry`: {e:?} is not a duration like \"720h\""
-                    ))
-                })?,
-        ),
-    };
+    let ttl = expiry(req.expiry.as_deref())?;
     let name = match req.name.filter(|n| !n.is_empty()) {
         Some(n) if n.len() > 200 || n.chars().any(char::is_control) => {
             return Err(ApiError::BadRequest(
