@@ -323,6 +323,11 @@ fn needed_role(method: &Method, segs: &[&str]) -> Role {
     if segs.first() == Some(&"tokens") && (segs.len() == 1 || method == Method::DELETE) {
         return Role::Admin;
     }
+    // Minting an OIDC identity (or a KMS token) for an app acts as that app: a
+    // read-only token may not.
+    if segs == ["tokens", "oidc"] || segs == ["tokens", "kms"] {
+        return Role::Deploy;
+    }
     if segs.first() == Some(&"tokens") || method == Method::GET || method == Method::HEAD {
         return Role::Readonly;
     }

@@ -914,7 +914,11 @@ async fn oidc_tokens_verify_against_the_published_jwks() {
         .await;
     assert_eq!(m.status, StatusCode::OK, "{}", m.body);
     let machine_id = m.body["id"].as_str().unwrap().to_string();
-    let tok = t.token(Some("oapp"), Role::Readonly).await;
+    // Minting the app's identity needs a deploy token; a read-only one is refused.
+    let ro = t.token(Some("oapp"), Role::Readonly).await;
+    let (status, _, body) = raw(&t, Method::POST, "/v1/tokens/oidc", Some(&ro), None, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let tok = t.token(Some("oapp"), Role::Deploy).await;
     let host = [("host", "api.aloft.test:4280")];
     let (status, ctype, jwt) = raw(
         &t,
