@@ -942,12 +942,25 @@ pub async fn delete(
     }))
 }
 
-fn wrong_use(name: &str, kind: KeyType, op: &'static str) -> SecretKeyError {
-    SecretKeyError::WrongUse {
-        name: name.to_string(),
-        kind: kind.name(),
-        op,
+/// [`material`] of a key that can do `op` (of `usage`); a key of another kind is the
+/// caller's mistake, named.
+async fn material_for(
+    state: &ApiState,
+    app: &str,
+    name: &str,
+    q: &QueryPairs,
+    usage: Use,
+    op: &'static str,
+) -> Result<(KeyType, Vec<u8>), SecretKeyError> {
+    let (kind, secret) = material(state, app, name, q).await?;
+    if kind.usage() != usage {
+        return Err(SecretKeyError::WrongUse {
+            name: name.to_string(),
+            kind: kind.name(),
+            op,
+        });
     }
+    Ok((kind, secret))
 }
 
 fn field_err(app: &str, name: &str, (field, reason): (&'static str, String)) -> SecretKeyError {
@@ -974,10 +987,7 @@ pub async fn encrypt_handler(
     q: QueryPairs,
     JsonBody(req): JsonBody<EncryptSecretkeyRequest>,
 ) -> Result<Json<EncryptSecretkeyResponse>, ApiError> {
-    let (kind, secret) = material(&state, &app, &name, &q).await?;
-    if kind.usage() != Use::Encrypt {
-        return Err(wrong_use(&name, kind, "encrypt").into());
-    }
+    let (kind, secret) = material_for(&state, &app, &name, &q, Use::Encrypt, "encrypt").await?;
     let ciphertext = encrypt(kind, &secret, &req.plaintext.0, &req.associated_data.0)
         .map_err(|e| field_err(&app, &name, e))?;
     Ok(Json(EncryptSecretkeyResponse { ciphertext }))
@@ -996,10 +1006,7 @@ pub async fn decrypt_handler(
     q: QueryPairs,
     JsonBody(req): JsonBody<DecryptSecretkeyRequest>,
 ) -> Result<Json<DecryptSecretkeyResponse>, ApiError> {
-    let (kind, secret) = material(&state, &app, &name, &q).await?;
-    if kind.usage() != Use::Encrypt {
-        return Err(wrong_use(&name, kind, "decrypt").into());
-    }
+    let (kind, secret) = material_for(&state, &app, &name, &q, Use::Encrypt, "decrypt").await?;
     let plaintext = decrypt(kind, &secret, &req.ciphertext.0, &req.associated_data.0)
         .map_err(|e| field_err(&app, &name, e))?
         .ok_or_else(|| SecretKeyError::Decrypt(name.clone()))?;
@@ -1019,10 +1026,7 @@ pub async fn sign_handler(
     q: QueryPairs,
     JsonBody(req): JsonBody<SignSecretkeyRequest>,
 ) -> Result<Json<SignSecretkeyResponse>, ApiError> {
-    let (kind, secret) = material(&state, &app, &name, &q).await?;
-    if kind.usage() != Use::Sign {
-        return Err(wrong_use(&name, kind, "sign").into());
-    }
+    let (kind, secret) = material_for(&state, &app, &name, &q, Use::Sign, "sign").await?;
     let signature =
         sign(kind, &secret, &req.plaintext.0).map_err(|m| field_err(&app, &name, ("key", m)))?;
     Ok(Json(SignSecretkeyResponse { signature }))
@@ -1041,10 +1045,7 @@ pub async fn verify_handler(
     q: QueryPairs,
     JsonBody(req): JsonBody<VerifySecretkeyRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let (kind, secret) = material(&state, &app, &name, &q).await?;
-    if kind.usage() != Use::Sign {
-        return Err(wrong_use(&name, kind, "verify").into());
-    }
+    let (kind, secret) = material_for(&state, &app, &name, &q, Use::Sign, "verify").await?;
     let ok = verify(kind, &secret, &req.plaintext.0, &req.signature.0)
         .map_err(|m| field_err(&app, &name, ("key", m)))?;
     if ok {
