@@ -16,7 +16,10 @@
 //!   without `exit` means the machine's channel was lost.
 //!
 //! The client closing the socket ends the command: its stdin is closed, or on a pty
-//! `^C ^D` is typed, as a terminal hang-up would end a shell.
+//! `^C ^D` is typed, as a terminal hang-up would end a shell. So does a client that
+//! reads too slowly: the agent queues a bounded number of output frames, then sends a
+//! note on stderr and closes without `exit`. Client messages are at most
+//! [`MAX_CLIENT_MESSAGE`] bytes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

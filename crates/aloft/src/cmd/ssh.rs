@@ -5,7 +5,8 @@
 //! With a terminal on stdin the command runs on a pseudo-terminal: the local terminal
 //! is put in raw mode (and restored on every way out), its size is sent at the start
 //! and on SIGWINCH. Without one (pipes, scripts) stdin is streamed until EOF and
-//! stdout and stderr stay apart. The remote command's exit code is the CLI's.
+//! stdout and stderr stay apart. The remote command's exit code is the CLI's. An
+//! `https://` API URL gives `wss://`, trusting the roots the HTTP client trusts.
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
