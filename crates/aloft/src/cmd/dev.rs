@@ -449,22 +449,6 @@ async fn wait_for_signal() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::is_static_elf;
-    use std::path::Path;
-
-    #[test]
-    fn tells_static_from_dynamic_executables() {
-        assert!(
-            is_static_elf(Path::new("/bin/busybox")),
-            "busybox-static is static"
-        );
-        assert!(!is_static_elf(Path::new("/bin/ls")), "ls needs the loader");
-        assert!(!is_static_elf(Path::new("/etc/hostname")));
-    }
-}
-
 /// tls: the HTTPS listener of the `i`th region's proxy (public port 443) when
 /// `--proxy-tls-listen` is given, with the dev certificate (`*<suffix>` signed by the
 /// local CA in `<data-dir>/proxy-ca/`) and the catalog's certificates followed live.
@@ -497,4 +481,20 @@ async fn dev_tls_listener(
         listener,
         public_port: 443,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_static_elf;
+    use std::path::Path;
+
+    #[test]
+    fn tells_static_from_dynamic_executables() {
+        assert!(
+            is_static_elf(Path::new("/bin/busybox")),
+            "busybox-static is static"
+        );
+        assert!(!is_static_elf(Path::new("/bin/ls")), "ls needs the loader");
+        assert!(!is_static_elf(Path::new("/etc/hostname")));
+    }
 }
