@@ -291,6 +291,8 @@ pub async fn destroy(
     // Its secret keys and IP assignments (releasing the addresses).
     keys.extend(crate::secretkeys::app_keys(&state, &app).await?);
     keys.extend(crate::ips::app_keys(&state, &app).await?);
+    // Its hostnames: the proxy stops routing and serving them, ACME stops renewing.
+    keys.extend(crate::certificates::app_keys(&state, &app).await?);
     for e in state.store().list("tokens/").await?.entries {
         if serde_json::from_slice::<TokenRecord>(&e.value)
             .is_ok_and(|t| t.app.as_deref() == Some(app.as_str()))

@@ -153,6 +153,17 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
+/// The `certs/` keys of an app's hostnames, for deleting them with the app.
+pub async fn app_keys(state: &ApiState, app: &str) -> Result<Vec<String>, ApiError> {
+    let listing = state.store().list(CERTS_PREFIX).await?;
+    Ok(listing
+        .entries
+        .into_iter()
+        .filter(|e| serde_json::from_slice::<CertRecord>(&e.value).is_ok_and(|r| r.app == app))
+        .map(|e| e.key)
+        .collect())
+}
+
 /// A DNS name a certificate can be for: lower-case labels of letters, digits and `-`
 /// (not at either end), at least two labels, at most 253 bytes; `*.` may lead.
 pub fn valid_hostname(h: &str) -> bool {

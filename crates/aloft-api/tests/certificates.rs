@@ -501,3 +501,26 @@ async fn check_retries_a_failed_issuance_and_lists_page() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn destroying_the_app_removes_its_hostnames() {
+    let t = TestApi::start(&[("h1", "ams")]).await;
+    t.create_app("web").await;
+    t.create_app("other").await;
+    let tok = Some(t.admin.as_str());
+    for (app, host) in [("web", "www.example.com"), ("other", "other.example.com")] {
+        let r = t
+            .call(
+                Method::POST,
+                &format!("/v1/apps/{app}/certificates/acme"),
+                tok,
+                Some(&acme_body(host)),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let r = t.call(Method::DELETE, "/v1/apps/web", tok, None).await;
+    assert!(r.status.is_success(), "{} {}", r.status, r.body);
+    assert!(record(&t, "www.example.com").await.is_none());
+    assert!(record(&t, "other.example.com").await.is_some());
+}

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aloft_store::Store;
-use aloft_types::catalog::{AppRecord, MachineRecord};
+use aloft_types::catalog::{AppRecord, CERTS_PREFIX, CertRecord, MachineRecord};
 
 use crate::routes::{
     AppSpec, Concurrency, ConcurrencyKind, MachineSpec, PortSpec, Routes, RoutesSpec, ServiceSpec,
@@ -144,6 +144,21 @@ pub fn spec_from_catalog(
     out
 }
 
+/// Adds the hostnames users attached to their apps (`certs/{hostname}` records, whatever
+/// their issuance status: plain HTTP and the HTTP-01 challenge need the route first).
+/// A name claimed by an app that no longer exists is left out.
+pub fn add_cert_hostnames(spec: &mut RoutesSpec, certs: &[CertRecord]) {
+    for cert in certs {
+        let Some(app) = spec.apps.iter_mut().find(|a| a.name == cert.app) else {
+            continue;
+        };
+        let name = cert.hostname.to_ascii_lowercase();
+        if !app.hostnames.contains(&name) {
+            app.hostnames.push(name);
+        }
+    }
+}
+
 async fn load(
     store: &dyn Store,
     suffix: &str,
@@ -151,6 +166,8 @@ async fn load(
 ) -> Result<(RoutesSpec, u64), aloft_store::StoreError> {
     let apps = store.list("apps/").await?;
     let machines = store.list("machines/").await?;
+    let certs = store.list(CERTS_PREFIX).await?;
+    let certs_revision = certs.revision;
     let apps: Vec<AppRecord> = apps
         .entries
         .iter()
@@ -161,10 +178,14 @@ async fn load(
         .iter()
         .filter_map(|e| serde_json::from_slice(&e.value).ok())
         .collect();
-    Ok((
-        spec_from_catalog(&apps, &ms, suffix, region_order),
-        machines.revision,
-    ))
+    let certs: Vec<CertRecord> = certs
+        .entries
+        .iter()
+        .filter_map(|e| serde_json::from_slice(&e.value).ok())
+        .collect();
+    let mut spec = spec_from_catalog(&apps, &ms, suffix, region_order);
+    add_cert_hostnames(&mut spec, &certs);
+    Ok((spec, machines.revision.max(certs_revision)))
 }
 
 /// Keeps `routes` equal to the catalog until the task is dropped: a full load, then a
@@ -187,7 +208,7 @@ pub async fn follow_catalog(
         if let Err(e) = routes.update(&spec) {
             tracing::warn!("proxy: catalog routes rejected: {e}");
         }
-        // Any change under the root prefix (apps/ or machines/) triggers a rebuild.
+        // Any change under apps/, machines/ or certs/ triggers a rebuild.
         let Ok(mut watch) = store.watch("", revision).await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -195,7 +216,9 @@ pub async fn follow_catalog(
         loop {
             match watch.next().await {
                 Some(Ok(change))
-                    if change.key.starts_with("apps/") || change.key.starts_with("machines/") =>
+                    if change.key.starts_with("apps/")
+                        || change.key.starts_with("machines/")
+                        || change.key.starts_with(CERTS_PREFIX) =>
                 {
                     // Let a burst of changes settle, then rebuild from a fresh listing.
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -300,5 +323,58 @@ mod cordon_tests {
             1,
             "services still come from it"
         );
+    }
+}
+
+#[cfg(test)]
+mod cert_hostname_tests {
+    use super::*;
+    use aloft_types::catalog::{CertSource, CertStatus};
+
+    fn app(name: &str) -> AppRecord {
+        AppRecord {
+            schema: 1,
+            id: name.into(),
+            name: name.into(),
+            org: "personal".into(),
+            network: "default".into(),
+            created_at: String::new(),
+        }
+    }
+
+    fn cert(host: &str, app: &str) -> CertRecord {
+        CertRecord {
+            schema: 1,
+            hostname: host.into(),
+            app: app.into(),
+            source: CertSource::Acme,
+            status: CertStatus::Pending,
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            not_after: None,
+            error: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn attached_hostnames_route_to_their_app_and_orphans_are_dropped() {
+        let mut spec = spec_from_catalog(&[app("shop"), app("blog")], &[], ".aloft.localhost", &[]);
+        add_cert_hostnames(
+            &mut spec,
+            &[
+                cert("WWW.Shop.Example", "shop"),
+                cert("www.shop.example", "shop"),
+                cert("gone.example", "deleted-app"),
+            ],
+        );
+        let shop = spec.apps.iter().find(|a| a.name == "shop").unwrap();
+        assert_eq!(
+            shop.hostnames,
+            ["shop.aloft.localhost", "shop", "www.shop.example"]
+        );
+        let all: Vec<&String> = spec.apps.iter().flat_map(|a| &a.hostnames).collect();
+        assert!(!all.iter().any(|h| h.as_str() == "gone.example"), "{all:?}");
     }
 }
