@@ -290,10 +290,7 @@ pub fn router(state: ApiState) -> Router {
                 .delete(apps::secret_delete),
         )
         .route("/apps/{app_name}/deploy_token", post(tokens::deploy_token))
-        .route(
-            "/apps/{app_name}/certificates",
-            get(certificates::list),
-        )
+        .route("/apps/{app_name}/certificates", get(certificates::list))
         .route(
             "/apps/{app_name}/certificates/acme",
             post(certificates::acme_create),

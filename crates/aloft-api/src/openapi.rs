@@ -4,7 +4,10 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use crate::{apps, certificates, console, error, ips, machines, oidc, releases, secretkeys, secrets, tokens, volumes};
+use crate::{
+    apps, certificates, console, error, ips, machines, oidc, releases, secretkeys, secrets, tokens,
+    volumes,
+};
 
 /// Schemas of the `aloft-types` shapes the API returns, in Fly's JSON form. They
 /// describe the serialised types (checked by the test suite against real responses);

@@ -602,7 +602,8 @@ async fn proxy_request(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<Re
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let mut resp = finish(app, started, Some(&request_id), &method, resp);
-    resp.headers_mut().insert(FLY_REQUEST_ID.clone(), request_id);
+    resp.headers_mut()
+        .insert(FLY_REQUEST_ID.clone(), request_id);
     resp
 }
 
