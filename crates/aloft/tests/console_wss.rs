@@ -56,6 +56,8 @@ async fn ssh_console_over_https_api_uses_wss() {
                     return;
                 };
                 let mut seen = (String::new(), String::new());
+                // The callback's error type is tungstenite's (large) handshake response.
+                #[allow(clippy::result_large_err)]
                 let record = |req: &Request, resp: Response| {
                     seen.0 = req.uri().to_string();
                     seen.1 = req
