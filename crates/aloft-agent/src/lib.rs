@@ -15,8 +15,8 @@ mod volumes;
 pub use agent::{Agent, AgentConfig, FAULT_ENV, rfc3339};
 pub use db::images_in_use;
 
+pub use api::MachineMemory;
 pub use api::{
     AgentApi, AgentError, CreateMachine, CreateVolume, ExecOutput, LogLine, StopOptions,
     UpdateMachine, WaitFor,
 };
-pub use api::MachineMemory;

@@ -243,8 +243,7 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
         None if inject_latency => args.region_latency.clone(),
         None => String::new(),
     };
-    let latency = aloft_proxy::LatencyMatrix::parse(&latency_text)
-        .context("--region-latency")?;
+    let latency = aloft_proxy::LatencyMatrix::parse(&latency_text).context("--region-latency")?;
     let mut proxy_tasks = Vec::new();
     let mut proxy_addrs = Vec::new();
     let mut tls_addrs = Vec::new();

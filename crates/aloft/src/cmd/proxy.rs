@@ -83,10 +83,7 @@ fn parse_listen(s: &str) -> Result<(SocketAddr, Option<u16>)> {
 }
 
 pub fn run(args: ProxyArgs, data_dir: &DataDir) -> Result<ExitCode> {
-    let acme = args
-        .acme
-        .config()?
-        .map(|cfg| (cfg, data_dir.catalog_db()));
+    let acme = args.acme.config()?.map(|cfg| (cfg, data_dir.catalog_db()));
     let listens = args
         .listen
         .iter()
