@@ -8,11 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_agent::{Agent, AgentApi, AgentConfig, CreateMachine, StopOptions, WaitFor};
+use aloft_agent::{Agent, AgentApi, CreateMachine, StopOptions, WaitFor};
 use aloft_store::{SqliteStore, Store};
-use aloft_testkit::{BusyboxHttpd, init_bin, kernel_dir, web_machine_config};
+use aloft_testkit::{BusyboxHttpd, agent_config, web_machine_config};
 use aloft_types::machine::{MachineConfig, MachineInit, MachineRestart, MachineState};
-use aloft_vmm::{Accel, QemuVmm};
+use aloft_vmm::QemuVmm;
 
 /// A busybox image serving /www on port 8080, imported into the agent's image store.
 fn busybox_image(data: &Path) -> String {
@@ -22,19 +22,7 @@ fn busybox_image(data: &Path) -> String {
 }
 
 async fn agent(data: &Path, store: Arc<dyn Store>) -> Agent {
-    let cfg = AgentConfig {
-        host_id: "h1".into(),
-        region: "ams".into(),
-        data_dir: data.to_path_buf(),
-        kernel_dir: kernel_dir(),
-        init_bin: init_bin().expect("static guest init"),
-        memory_mb_total: 4096,
-        cpus_total: 8,
-        accel: Accel::Auto,
-        forward_addr: "127.0.0.1".into(),
-        pull: Default::default(),
-        tcg_tb_size_mb: Some(32),
-    };
+    let cfg = agent_config(data).expect("static guest init");
     Agent::open(cfg, store, Arc::new(QemuVmm)).await.unwrap()
 }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use aloft_agent::{Agent, AgentApi, AgentConfig, CreateMachine, net};
 use aloft_store::{SqliteStore, Store};
-use aloft_testkit::{BusyboxHttpd, init_bin_path, kernel_dir, web_machine_config};
-use aloft_vmm::{Accel, QemuVmm};
+use aloft_testkit::{BusyboxHttpd, agent_config, web_machine_config};
+use aloft_vmm::QemuVmm;
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -35,16 +35,7 @@ async fn organisations_are_isolated_on_the_private_network() {
     let host = format!("nettest-{}", std::process::id());
     let cfg = AgentConfig {
         host_id: host.clone(),
-        region: "ams".into(),
-        data_dir: data.to_path_buf(),
-        kernel_dir: kernel_dir(),
-        init_bin: init_bin_path(),
-        memory_mb_total: 4096,
-        cpus_total: 8,
-        accel: Accel::Auto,
-        forward_addr: "127.0.0.1".into(),
-        pull: Default::default(),
-        tcg_tb_size_mb: Some(32),
+        ..agent_config(data).expect("static guest init")
     };
     let agent = Agent::open_with_network(cfg, store, Arc::new(QemuVmm), true)
         .await

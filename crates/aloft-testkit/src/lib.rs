@@ -3,12 +3,14 @@
 //! with the `ALOFT_KERNEL_DIR` / `ALOFT_INIT_BIN` conventions ([`kernel_dir`],
 //! [`init_bin`]), free loopback ports ([`free_port`]), a guard that runs an
 //! `aloft dev` child and stops it and its VMs on drop ([`DevChild`]), machine configs
-//! for a busybox web machine ([`web_machine_config`]) and polling with a deadline
+//! for a busybox web machine ([`web_machine_config`]), the agent config VM tests start
+//! from ([`agent_config`]) and polling with a deadline
 //! ([`poll_until`], [`poll_for`]). It is a dev-dependency only (tests, benches,
 //! xtask): it must never be a dependency of a crate that ships in the product binary,
 //! and it holds no product logic — only ways of setting up and tearing down real
 //! components for a test.
 
+mod agent;
 mod dev;
 mod guest;
 mod image;
@@ -16,6 +18,7 @@ mod machine;
 mod net;
 mod wait;
 
+pub use agent::agent_config;
 pub use dev::{DevChild, DevError, DevInfo, dev_command};
 pub use guest::{GuestFilesError, init_bin, init_bin_path, kernel_dir};
 pub use image::{BusyboxHttpd, ImageFixtureError, httpd_config};
