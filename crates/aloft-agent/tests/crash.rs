@@ -22,9 +22,9 @@ use aloft_agent::{
     Agent, AgentApi, AgentConfig, CreateMachine, FAULT_ENV, StopOptions, UpdateMachine, WaitFor,
 };
 use aloft_store::{SqliteStore, Store};
-use aloft_testkit::{BusyboxHttpd, init_bin, kernel_dir, web_machine_config};
+use aloft_testkit::{BusyboxHttpd, web_machine_config};
 use aloft_types::machine::{MachineConfig, MachineRestart, MachineState};
-use aloft_vmm::{Accel, QemuVmm};
+use aloft_vmm::QemuVmm;
 
 /// Set in a re-executed child: the data directory its agent works on.
 const CHILD_ENV: &str = "ALOFT_CRASH_CHILD_DATA";
@@ -61,17 +61,10 @@ fn busybox_image(shared: &Path) -> String {
 
 fn agent_config(data: &Path) -> AgentConfig {
     AgentConfig {
-        host_id: "h1".into(),
-        region: "ams".into(),
-        data_dir: data.to_path_buf(),
-        kernel_dir: kernel_dir(),
-        init_bin: init_bin().expect("static guest init"),
         memory_mb_total: 16_384,
         cpus_total: 64,
-        accel: Accel::Auto,
-        forward_addr: "127.0.0.1".into(),
-        pull: Default::default(),
         tcg_tb_size_mb: Some(16),
+        ..aloft_testkit::agent_config(data).expect("static guest init")
     }
 }
 
