@@ -3,8 +3,11 @@
 //!
 //! * create → started (the guest channel handshake) for 10 machines one by one, then
 //!   for 10 at once;
-//! * start-from-stopped against the boot floor (raw QEMU to an init marker), 5 rounds
-//!   interleaved in the same run (goal ≤ 1.2×);
+//! * start-from-stopped against the boot floor, 5 rounds interleaved in the same run
+//!   (goal ≤ 1.2×). The machine has an HTTP service, so the agent calls it `started`
+//!   when its app accepts on the port (the guest's Ready): the floor it is held to is
+//!   raw QEMU with the same kernel serving HTTP straight from its initramfs, until the
+//!   first HTTP 200 (the init-marker floor is printed beside it);
 //! * density: N idle machines (default 20), RSS per QEMU 5 s after the last started;
 //! * agent restart with those N running: `detach_all` + drop, then `Agent::open` on the
 //!   same data dir until all N are supervised again (goal < 1 s).
@@ -190,6 +193,7 @@ async fn bench(env: &BenchEnv, machines: usize) -> Result<()> {
     let (id, _) = create(&a, &image).await?;
     ids.push(id.clone());
     let mut floor = Vec::new();
+    let mut floor_marker = Vec::new();
     let mut restart = Vec::new();
     let mut before_qemu = Vec::new();
     for round in 1..=ROUNDS {
@@ -199,8 +203,9 @@ async fn bench(env: &BenchEnv, machines: usize) -> Result<()> {
         if stopped.state != MachineState::Stopped {
             bail!("machine {id} is {:?} after stop", stopped.state);
         }
-        let f = floor_boot(env, FloorKind::Marker, None).await?;
-        floor.push(f.marker_ms);
+        let f = floor_boot(env, FloorKind::Http, None).await?;
+        floor.push(f.http_ms.context("the HTTP floor reports its first 200")?);
+        floor_marker.push(f.marker_ms);
         f.end().await;
         let t = Instant::now();
         let wall = std::time::SystemTime::now();
@@ -287,17 +292,18 @@ async fn bench(env: &BenchEnv, machines: usize) -> Result<()> {
         json!({"memory_mb": MEMORY_MB, "all_started_ms": (all_started * 10.0).round() / 10.0}),
     ));
     println!("{:<36} all {SERIAL} started after {all_started:.0} ms", "");
-    json_lines.push(timing_line("floor.init_marker", &floor, json!({})));
+    json_lines.push(timing_line("floor.init_marker", &floor_marker, json!({})));
+    json_lines.push(timing_line("floor.port_accepting", &floor, json!({})));
     let (_, floor_med) = min_median(&floor);
     let (_, restart_med) = min_median(&restart);
     let ratio = restart_med / floor_med;
     json_lines.push(timing_line(
         "start_from_stopped",
         &restart,
-        json!({"ratio": (ratio * 100.0).round() / 100.0, "against": "floor.init_marker", "goal_ratio": 1.2}),
+        json!({"ratio": (ratio * 100.0).round() / 100.0, "against": "floor.port_accepting", "goal_ratio": 1.2}),
     ));
     println!(
-        "{:<36} start-from-stopped / floor = {ratio:.2} (goal <= 1.2: {})",
+        "{:<36} start-from-stopped / floor port accepting = {ratio:.2} (goal <= 1.2: {})",
         "",
         if ratio <= 1.2 { "ok" } else { "MISSED" }
     );
