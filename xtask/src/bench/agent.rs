@@ -25,11 +25,13 @@ use aloft_vmm::{Accel, QemuVmm};
 use anyhow::{Context, Result, bail};
 use serde_json::json;
 
-use super::boot::{BenchEnv, FloorKind, Mem, floor_boot, memory_of, min_median, ms};
+use super::boot::{BenchEnv, FloorKind, Mem, floor_boot_sized, memory_of, min_median, ms};
 use crate::util::step;
 
 const APP: &str = "bench";
 const MEMORY_MB: i64 = 128;
+/// The TCG translation cache of the agent's machines (and of the floor held to them).
+const TB_SIZE_MB: Option<u32> = Some(32);
 const SERIAL: usize = 10;
 const ROUNDS: usize = 5;
 const SETTLE: Duration = Duration::from_secs(5);
@@ -65,7 +67,7 @@ async fn open_agent(env: &BenchEnv, data: &Path, store: Arc<dyn Store>) -> Resul
         accel: Accel::Tcg,
         forward_addr: "127.0.0.1".into(),
         pull: Default::default(),
-        tcg_tb_size_mb: Some(32),
+        tcg_tb_size_mb: TB_SIZE_MB,
     };
     Ok(Agent::open(cfg, store, Arc::new(QemuVmm)).await?)
 }
@@ -203,7 +205,8 @@ async fn bench(env: &BenchEnv, machines: usize) -> Result<()> {
         if stopped.state != MachineState::Stopped {
             bail!("machine {id} is {:?} after stop", stopped.state);
         }
-        let f = floor_boot(env, FloorKind::Http, None).await?;
+        // The same guest size and translation cache as the agent's machines.
+        let f = floor_boot_sized(env, FloorKind::Http, TB_SIZE_MB, MEMORY_MB as u32).await?;
         floor.push(f.http_ms.context("the HTTP floor reports its first 200")?);
         floor_marker.push(f.marker_ms);
         f.end().await;

@@ -374,7 +374,17 @@ impl FloorRun {
 
 /// Boots the floor; times from spawn to the serial marker (and to HTTP 200).
 pub async fn floor_boot(env: &BenchEnv, kind: FloorKind, tb_mb: Option<u32>) -> Result<FloorRun> {
-    floor_boot_with(env, kind, tb_mb, true).await
+    floor_boot_with(env, kind, tb_mb, true, MEMORY_MB).await
+}
+
+/// As [`floor_boot`] with a guest of `memory_mb` (to match the machine it is compared with).
+pub async fn floor_boot_sized(
+    env: &BenchEnv,
+    kind: FloorKind,
+    tb_mb: Option<u32>,
+    memory_mb: u32,
+) -> Result<FloorRun> {
+    floor_boot_with(env, kind, tb_mb, true, memory_mb).await
 }
 
 /// As [`floor_boot`]; `extra_args`: append `ALOFT_KERNEL_ARGS` (as aloft does).
@@ -383,6 +393,7 @@ async fn floor_boot_with(
     kind: FloorKind,
     tb_mb: Option<u32>,
     extra_args: bool,
+    memory_mb: u32,
 ) -> Result<FloorRun> {
     let port = free_port()?;
     let accel = match tb_mb {
@@ -397,7 +408,7 @@ async fn floor_boot_with(
     let mut cmd = Command::new(qemu::QEMU);
     cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on", "-accel"])
         .arg(&accel)
-        .args(["-m", &format!("{MEMORY_MB}M"), "-smp", "1"])
+        .args(["-m", &format!("{memory_mb}M"), "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-no-reboot", "-serial", "stdio", "-kernel"])
         .arg(env.kernel_dir.join("vmlinux"))
@@ -932,7 +943,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         f.end().await;
         if qemu::extra_kernel_args().is_some() {
             // The same floor without ALOFT_KERNEL_ARGS, for what the options change.
-            let f = floor_boot_with(env, FloorKind::Marker, None, false).await?;
+            let f = floor_boot_with(env, FloorKind::Marker, None, false, MEMORY_MB).await?;
             t.push("floor.init_marker.without_kernel_args", f.marker_ms);
             f.end().await;
         }
