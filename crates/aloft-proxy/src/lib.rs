@@ -5,14 +5,16 @@
 //! It owns the request path. It reads the catalog (possibly stale) and must not write
 //! machine state: it asks the agent to start a machine and corrects itself at admission.
 //!
-//! Today it serves HTTP/1.1 with keep-alive, HTTP/2 with prior knowledge (h2c) and
-//! protocol upgrades (WebSocket) on one port, and talks HTTP/1.1 to machines from the
-//! client connection's own task ([`upstream`]). Routes come from a
-//! [`routes::RoutesSpec`] published in [`routes::Routes`] (an atomically swapped
-//! [`routes::RouteTable`]); the static TOML file ([`static_routes`]) is one source of
-//! it, the catalog another, and both go through the same routing and balancing code
-//! (`balance`). Not yet here: TLS/SNI and ACME, raw TCP services, HTTP/2 to machines
-//! (gRPC), autostart/autostop, metrics.
+//! Each listening port is HTTP (HTTP/1.1 with keep-alive, h2c, WebSocket upgrades),
+//! TLS ([`tls`]: certificates by SNI, ALPN h2/http1.1, ACME TLS-ALPN-01 answers) or raw
+//! TCP ([`tcp`], with PROXY protocol v1/v2). Requests go to machines over HTTP/1.1 from
+//! the client connection's own task, or over one shared h2c connection per machine for
+//! `h2_backend` ports ([`upstream`]). Routes come from a [`routes::RoutesSpec`]
+//! published in [`routes::Routes`] (an atomically swapped [`routes::RouteTable`]); the
+//! static TOML file ([`static_routes`]) is one source of it, the catalog ([`catalog`])
+//! another, and both go through the same routing and balancing code (`balance`).
+//! [`acme`] obtains certificates, [`metrics`] counts, [`reload`] hands listeners to a
+//! successor process.
 
 pub mod acme;
 mod balance;
