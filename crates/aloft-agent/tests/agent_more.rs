@@ -7,7 +7,7 @@
 //! row restarts the machine (`unhealthy = "restart"`) with an event saying why.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,27 +23,6 @@ use aloft_types::machine::{
 use aloft_vmm::{Accel, QemuVmm};
 
 const APP: &str = "more";
-
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    let bin = std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        });
-    assert!(
-        bin.is_file(),
-        "no static aloft-init at {} (run `cargo xtask test`)",
-        bin.display()
-    );
-    bin
-}
 
 /// A busybox image with /www to serve, imported into the agent's image store.
 fn busybox_image(data: &Path) -> String {
@@ -76,8 +55,8 @@ async fn agent(data: &Path, store: Arc<dyn Store>) -> Agent {
         host_id: "h1".into(),
         region: "ams".into(),
         data_dir: data.to_path_buf(),
-        kernel_dir: kernel_dir(),
-        init_bin: init_bin(),
+        kernel_dir: aloft_testkit::kernel_dir(),
+        init_bin: aloft_testkit::init_bin().unwrap(),
         memory_mb_total: 4096,
         cpus_total: 8,
         accel: Accel::Auto,

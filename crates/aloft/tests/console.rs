@@ -13,35 +13,6 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_aloft")
 }
 
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    let bin = std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        });
-    assert!(
-        bin.is_file(),
-        "no static aloft-init at {} (run `cargo xtask test`)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `aloft dev` in a child process; stopped (and its VMs with it) on drop.
 struct Dev {
     child: Child,
@@ -251,20 +222,23 @@ fn ssh_console_pipes_ptys_and_exit_codes() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    std::os::unix::fs::symlink(kernel_dir(), data.join("kernel")).unwrap();
+    std::os::unix::fs::symlink(aloft_testkit::kernel_dir(), data.join("kernel")).unwrap();
     let app_dir = work.path().join("app");
     std::fs::create_dir_all(&app_dir).unwrap();
     std::fs::write(app_dir.join("fly.toml"), FLY_TOML).unwrap();
     image(&data, work.path(), "shell:v1");
 
-    let api_port = free_port();
+    let api_port = aloft_testkit::free_port().unwrap();
     let child = Command::new(bin())
         .arg("--data-dir")
         .arg(&data)
         .args(["dev", "--regions", "local"])
         .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
-        .args(["--proxy-listen", &format!("127.0.0.1:{}", free_port())])
-        .env("ALOFT_INIT_BIN", init_bin())
+        .args([
+            "--proxy-listen",
+            &format!("127.0.0.1:{}", aloft_testkit::free_port().unwrap()),
+        ])
+        .env("ALOFT_INIT_BIN", aloft_testkit::init_bin().unwrap())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

@@ -5,42 +5,13 @@
 //! bad input fails clearly before anything boots.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_aloft")
-}
-
-fn kernel_dir() -> PathBuf {
-    std::env::var_os("ALOFT_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/aloft/kernel"))
-}
-
-fn init_bin() -> PathBuf {
-    let bin = std::env::var_os("ALOFT_INIT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target/x86_64-unknown-linux-musl/release/aloft-init")
-        });
-    assert!(
-        bin.is_file(),
-        "no static aloft-init at {} (run `cargo xtask test`)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A data directory with the guest kernel, and a busybox image as an OCI layout.
@@ -56,11 +27,11 @@ impl Env {
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
         assert!(
-            kernel_dir().join("vmlinux").is_file(),
+            aloft_testkit::kernel_dir().join("vmlinux").is_file(),
             "no guest kernel in {} (run `cargo xtask setup`)",
-            kernel_dir().display()
+            aloft_testkit::kernel_dir().display()
         );
-        std::os::unix::fs::symlink(kernel_dir(), data.join("kernel")).unwrap();
+        std::os::unix::fs::symlink(aloft_testkit::kernel_dir(), data.join("kernel")).unwrap();
         let tree = tmp.path().join("tree");
         for d in ["bin", "www", "etc"] {
             std::fs::create_dir_all(tree.join(d)).unwrap();
@@ -91,7 +62,7 @@ impl Env {
             .arg(&self.data)
             .args(["vm", "run", "--accel", "tcg"])
             .args(args)
-            .env("ALOFT_INIT_BIN", init_bin());
+            .env("ALOFT_INIT_BIN", aloft_testkit::init_bin().unwrap());
         c
     }
 
@@ -318,7 +289,7 @@ fn sigint_while_booting_removes_the_vm() {
 #[test]
 fn boot_timeline_lists_every_stage_in_order_and_port_forwards() {
     let env = Env::new();
-    let port = free_port();
+    let port = aloft_testkit::free_port().unwrap();
     let publish = format!("{port}:8080");
     let mut run = Running::spawn(env.cmd(&[
         "--boot-timeline",
@@ -399,7 +370,7 @@ fn bad_input_fails_clearly_before_booting() {
         .arg("--data-dir")
         .arg(&bare)
         .args(["vm", "run", &env.image()])
-        .env("ALOFT_INIT_BIN", init_bin())
+        .env("ALOFT_INIT_BIN", aloft_testkit::init_bin().unwrap())
         .output()
         .unwrap();
     let (_, stderr) = text(&out);
