@@ -104,6 +104,7 @@ pub fn spec_from_catalog(
                                                     .map(str::to_owned),
                                             },
                                         ),
+                                        tls_options: p.tls_options.as_ref().map(tls_options),
                                     })
                                 })
                                 .collect(),
@@ -142,6 +143,50 @@ pub fn spec_from_catalog(
         });
     }
     out
+}
+
+/// A machine port's `tls_options` (fly.MachinePort) as the routes take them. Values
+/// the proxy does not know are dropped with a warning rather than passed on: one bad
+/// app config must not make the catalog's whole route table fail to build.
+fn tls_options(v: &serde_json::Value) -> crate::routes::TlsOptions {
+    let strings = |k: &str| {
+        v.get(k).and_then(serde_json::Value::as_array).map(|a| {
+            a.iter()
+                .filter_map(serde_json::Value::as_str)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+    };
+    let alpn = strings("alpn").map(|a| {
+        a.into_iter()
+            .filter(|p| {
+                let ok = !p.is_empty() && p.len() <= 255;
+                if !ok {
+                    tracing::warn!(alpn = %p, "tls_options: ALPN protocol ignored");
+                }
+                ok
+            })
+            .collect()
+    });
+    let versions = strings("versions")
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|x| {
+            let ok = crate::routes::TlsVersion::parse(x).is_some();
+            if !ok {
+                tracing::warn!(version = %x, "tls_options: unknown TLS version ignored");
+            }
+            ok
+        })
+        .collect();
+    crate::routes::TlsOptions {
+        alpn,
+        versions,
+        default_self_signed: v
+            .get("default_self_signed")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
+    }
 }
 
 /// Adds the hostnames users attached to their apps (`certs/{hostname}` records, whatever

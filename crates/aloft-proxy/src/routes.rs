@@ -97,6 +97,54 @@ pub struct PortSpec {
     /// With the `proxy_proto` handler: `{ version = "v1" | "v2" }` (default v1).
     #[serde(default)]
     pub proxy_proto_options: Option<ProxyProtoOptions>,
+    /// TLS on this port (fly.toml `tls_options`): ALPN offered, TLS versions
+    /// accepted, a self-signed certificate when none matches.
+    #[serde(default)]
+    pub tls_options: Option<TlsOptions>,
+}
+
+/// fly.toml's `[services.ports.tls_options]` / `[http_service.tls_options]`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsOptions {
+    /// ALPN protocols offered, in the server's order of preference (absent: `h2`,
+    /// `http/1.1` on HTTP ports, none on raw `["tls"]` ports).
+    #[serde(default)]
+    pub alpn: Option<Vec<String>>,
+    /// `TLSv1.2` and/or `TLSv1.3` (absent or empty: both).
+    #[serde(default)]
+    pub versions: Vec<String>,
+    /// Serve a self-signed certificate when no certificate matches the SNI.
+    #[serde(default)]
+    pub default_self_signed: bool,
+}
+
+/// A TLS protocol version a port may accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+impl TlsVersion {
+    /// `TLSv1.2` / `TLSv1.3` as fly.toml spells them (any case).
+    pub fn parse(s: &str) -> Option<TlsVersion> {
+        match s.to_ascii_lowercase().as_str() {
+            "tlsv1.2" => Some(TlsVersion::Tls12),
+            "tlsv1.3" => Some(TlsVersion::Tls13),
+            _ => None,
+        }
+    }
+}
+
+/// A port's validated TLS options: what its TLS server config is built from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortTls {
+    /// ALPN protocols offered; `None`: the port kind's default.
+    pub alpn: Option<Vec<Vec<u8>>>,
+    /// Versions accepted, sorted and deduplicated; empty: both.
+    pub versions: Vec<TlsVersion>,
+    pub default_self_signed: bool,
 }
 
 /// fly.toml's `[services.ports.proxy_proto_options]`.
@@ -230,6 +278,11 @@ pub struct PortRoute {
     pub h2_backend: bool,
     /// The PROXY protocol header written to the machine (raw TCP ports).
     pub proxy_proto: Option<crate::proxy_proto::Version>,
+    /// The port's `tls_options`, validated.
+    pub tls: Option<PortTls>,
+    /// The TLS server config for this port when its `tls_options` differ from the
+    /// defaults; set once per table by [`Routes::update`] (see [`crate::tls`]).
+    pub(crate) tls_config: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug)]
@@ -454,8 +507,14 @@ impl RouteTable {
                             })?)
                         }
                     };
+                    let tls = match &p.tls_options {
+                        None => None,
+                        Some(o) => Some(port_tls(o, &format!("{pkey}.tls_options"))?),
+                    };
                     ports.push(PortRoute {
                         proxy_proto,
+                        tls,
+                        tls_config: None,
                         port: p.port,
                         handlers: p.handlers.clone(),
                         force_https: p.force_https,
@@ -536,6 +595,43 @@ impl RouteTable {
     }
 }
 
+/// Validate a port's `tls_options`; `key` names them in errors.
+fn port_tls(o: &TlsOptions, key: &str) -> Result<PortTls, RouteTableError> {
+    let alpn = match &o.alpn {
+        None => None,
+        Some(list) => {
+            let mut out = Vec::new();
+            for (i, proto) in list.iter().enumerate() {
+                if proto.is_empty() || proto.len() > 255 {
+                    return Err(bad(
+                        format!("{key}.alpn[{i}]"),
+                        "an ALPN protocol id is 1 to 255 bytes",
+                    ));
+                }
+                out.push(proto.as_bytes().to_vec());
+            }
+            Some(out)
+        }
+    };
+    let mut versions = Vec::new();
+    for (i, v) in o.versions.iter().enumerate() {
+        let parsed = TlsVersion::parse(v).ok_or_else(|| {
+            bad(
+                format!("{key}.versions[{i}]"),
+                format!("unknown TLS version {v:?} (expected TLSv1.2 or TLSv1.3)"),
+            )
+        })?;
+        versions.push(parsed);
+    }
+    versions.sort_unstable();
+    versions.dedup();
+    Ok(PortTls {
+        alpn,
+        versions,
+        default_self_signed: o.default_self_signed,
+    })
+}
+
 enum Address {
     Ip(IpAddr),
     Socket(SocketAddr),
@@ -561,6 +657,46 @@ fn order_regions(groups: &mut [RegionGroup], own: &str, order: &[String]) {
                 .map_or(usize::MAX, |p| p + 1)
         }
     });
+}
+
+/// How long a request or a raw TCP connection waits for an autostarted machine (a
+/// TCG boot takes seconds).
+pub(crate) const AUTOSTART_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Autostart gave no started machine; names the app.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AutostartError {
+    #[error("app {app}: could not start a machine: {why}")]
+    Failed { app: String, why: String },
+    #[error("app {app}: no machine started within {waited:?}")]
+    Timeout {
+        app: String,
+        waited: std::time::Duration,
+    },
+}
+
+/// When the service of `app` for public port `port` has no started machine but the
+/// app has stopped, suspended or created ones: those machine ids, the proxy's own
+/// region first, then by id (a stable choice between requests). Shared by HTTP
+/// requests (app by host) and raw TCP connections (app by port).
+pub(crate) fn autostart_candidates(
+    table: &RouteTable,
+    app: &AppRoute,
+    port: u16,
+) -> Option<Vec<String>> {
+    let svc = app.service_for_port(port)?;
+    if svc.groups.iter().any(|g| !g.backends.is_empty()) {
+        return None;
+    }
+    let mut stopped: Vec<String> = app
+        .machine_states
+        .iter()
+        .filter(|(_, s)| matches!(s.as_str(), "stopped" | "suspended" | "created"))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let own = |id: &String| app.machine_regions.get(id).map(String::as_str) != Some(table.region());
+    stopped.sort_by(|a, b| (own(a), a).cmp(&(own(b), b)));
+    (!stopped.is_empty()).then_some(stopped)
 }
 
 /// Starts a stopped or suspended machine on the proxy's behalf (autostart), and stops
@@ -661,10 +797,120 @@ impl Routes {
             _ => spec,
         };
         let prev = self.current.load();
-        let table = RouteTable::build(spec, &self.region, Some(&prev))?;
+        let mut table = RouteTable::build(spec, &self.region, Some(&prev))?;
+        self.attach_tls_configs(&mut table);
         self.current.store(Arc::new(table));
         self.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Give every port with `tls_options` its TLS server config, built (or reused
+    /// from an earlier table: same options, same config and session cache) once per
+    /// table, never per connection.
+    fn attach_tls_configs(&self, table: &mut RouteTable) {
+        for app in &mut table.apps {
+            for svc in &mut app.services {
+                for p in &mut svc.ports {
+                    if let Some(opts) = &p.tls {
+                        let raw = !p.handlers.iter().any(|h| h == "http");
+                        p.tls_config = self.certs.port_config(opts, raw);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks the machine owner to start one of `stopped` (machines of `app`; one start
+    /// per app at a time, however many requests and connections wait) and waits up to
+    /// [`AUTOSTART_WAIT`] for a table in which `served` holds. Without a machine owner
+    /// the current table is returned as is.
+    pub(crate) async fn autostart(
+        self: &Arc<Self>,
+        app: &str,
+        stopped: &[String],
+        served: impl Fn(&RouteTable) -> bool,
+    ) -> Result<Arc<RouteTable>, AutostartError> {
+        let Some(starter) = self.starter().cloned() else {
+            return Ok(self.load_full());
+        };
+        let lead = {
+            let mut starting = match self.starting.lock() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            match starting.get(app) {
+                Some(None) => false,
+                _ => {
+                    starting.insert(app.to_string(), None);
+                    true
+                }
+            }
+        };
+        if lead {
+            let (routes2, app2, ids) = (Arc::clone(self), app.to_string(), stopped.to_vec());
+            tokio::spawn(async move {
+                // The first machine that starts wins; the errors of the others are kept.
+                let mut result = Err(String::from("no machine to start"));
+                let mut errors = Vec::new();
+                for id in &ids {
+                    tracing::info!(app = %app2, machine = %id, "autostart");
+                    crate::metrics::app(&app2).autostart();
+                    match starter.start_machine(&app2, id).await {
+                        Ok(()) => {
+                            result = Ok(());
+                            break;
+                        }
+                        Err(e) => errors.push(format!("machine {id}: {e}")),
+                    }
+                }
+                if result.is_err() && !errors.is_empty() {
+                    result = Err(errors.join("; "));
+                }
+                let mut starting = match routes2.starting.lock() {
+                    Ok(s) => s,
+                    Err(p) => p.into_inner(),
+                };
+                match result {
+                    Ok(()) => {
+                        starting.remove(&app2);
+                    }
+                    Err(e) => {
+                        starting.insert(app2, Some(e));
+                    }
+                }
+                drop(starting);
+                routes2.changed.notify_waiters();
+            });
+        }
+        let deadline = tokio::time::Instant::now() + AUTOSTART_WAIT;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let table = self.load_full();
+            if served(&table) {
+                return Ok(table);
+            }
+            let failed = match self.starting.lock() {
+                Ok(s) => s.get(app).cloned().flatten(),
+                Err(p) => p.into_inner().get(app).cloned().flatten(),
+            };
+            if let Some(why) = failed {
+                if let Ok(mut s) = self.starting.lock() {
+                    s.remove(app);
+                }
+                return Err(AutostartError::Failed {
+                    app: app.to_string(),
+                    why,
+                });
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(AutostartError::Timeout {
+                    app: app.to_string(),
+                    waited: AUTOSTART_WAIT,
+                });
+            }
+        }
     }
 
     /// The snapshot in force now.

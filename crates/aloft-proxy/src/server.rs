@@ -641,9 +641,6 @@ fn finish(
     resp
 }
 
-/// How long a request waits for an autostarted machine (a TCG boot takes seconds).
-const AUTOSTART_WAIT: Duration = Duration::from_secs(60);
-
 /// When the service for `port` of the app at `host` has no started machine but the app
 /// has stopped or suspended ones: the app and those machine ids.
 fn autostart_candidates(
@@ -652,24 +649,12 @@ fn autostart_candidates(
     port: u16,
 ) -> Option<(String, Vec<String>)> {
     let app = table.app_for_host(host)?;
-    let svc = app.service_for_port(port)?;
-    if svc.groups.iter().any(|g| !g.backends.is_empty()) {
-        return None;
-    }
-    let mut stopped: Vec<String> = app
-        .machine_states
-        .iter()
-        .filter(|(_, s)| matches!(s.as_str(), "stopped" | "suspended" | "created"))
-        .map(|(id, _)| id.clone())
-        .collect();
-    // The proxy's own region first, then by id (stable choice between requests).
-    let own = |id: &String| app.machine_regions.get(id).map(String::as_str) != Some(table.region());
-    stopped.sort_by(|a, b| (own(a), a).cmp(&(own(b), b)));
-    (!stopped.is_empty()).then(|| (app.name.to_string(), stopped))
+    let stopped = crate::routes::autostart_candidates(table, app, port)?;
+    Some((app.name.to_string(), stopped))
 }
 
-/// Asks the machine owner to start one of `stopped` (one start per app at a time) and
-/// waits, bounded, for a table in which the service has a started machine.
+/// Starts one of `stopped` and waits, bounded, for a table in which the service has a
+/// started machine ([`Routes::autostart`], shared with raw TCP); a 503 saying why not.
 async fn autostart(
     routes: &Arc<Routes>,
     app: &str,
@@ -677,87 +662,12 @@ async fn autostart(
     host: &str,
     port: u16,
 ) -> Result<Arc<RouteTable>, Response<RespBody>> {
-    let Some(starter) = routes.starter().cloned() else {
-        return Ok(routes.load_full());
-    };
-    let lead = {
-        let mut starting = match routes.starting.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        match starting.get(app) {
-            Some(None) => false,
-            _ => {
-                starting.insert(app.to_string(), None);
-                true
-            }
-        }
-    };
-    if lead {
-        let (routes2, app2, ids) = (Arc::clone(routes), app.to_string(), stopped.to_vec());
-        tokio::spawn(async move {
-            // The first machine that starts wins; the errors of the others are kept.
-            let mut result = Err(String::from("no machine to start"));
-            let mut errors = Vec::new();
-            for id in &ids {
-                tracing::info!(app = %app2, machine = %id, "autostart");
-                crate::metrics::app(&app2).autostart();
-                match starter.start_machine(&app2, id).await {
-                    Ok(()) => {
-                        result = Ok(());
-                        break;
-                    }
-                    Err(e) => errors.push(format!("machine {id}: {e}")),
-                }
-            }
-            if result.is_err() && !errors.is_empty() {
-                result = Err(errors.join("; "));
-            }
-            let mut starting = match routes2.starting.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            match result {
-                Ok(()) => {
-                    starting.remove(&app2);
-                }
-                Err(e) => {
-                    starting.insert(app2, Some(e));
-                }
-            }
-            drop(starting);
-            routes2.changed.notify_waiters();
-        });
-    }
-    let deadline = tokio::time::Instant::now() + AUTOSTART_WAIT;
-    loop {
-        let notified = routes.changed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let table = routes.load_full();
-        if autostart_candidates(&table, host, port).is_none() {
-            return Ok(table);
-        }
-        let failed = match routes.starting.lock() {
-            Ok(s) => s.get(app).cloned().flatten(),
-            Err(p) => p.into_inner().get(app).cloned().flatten(),
-        };
-        if let Some(why) = failed {
-            if let Ok(mut s) = routes.starting.lock() {
-                s.remove(app);
-            }
-            return Err(reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("app {app}: could not start a machine: {why}"),
-            ));
-        }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return Err(reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("app {app}: no machine started within {AUTOSTART_WAIT:?}"),
-            ));
-        }
-    }
+    routes
+        .autostart(app, stopped, |t| {
+            autostart_candidates(t, host, port).is_none()
+        })
+        .await
+        .map_err(|e| reply(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {

@@ -8,12 +8,18 @@
 //! - else (`[]`, `["proxy_proto"]`) → raw TCP to the first app (in table order)
 //!   claiming the port; raw TCP has no host name to route by.
 //!
-//! Raw TCP ([`relay`]) takes a slot on a machine with the same balancing and
+//! Raw TCP ([`relay`]) first autostarts: when the service has no started machine but
+//! the app has stopped or suspended ones, it asks the machine owner to start one and
+//! holds the connection until the routes show it started (the same code and bound as
+//! HTTP, [`crate::routes::Routes::autostart`]); bytes the client sends meanwhile wait
+//! in the socket. It then takes a slot on a machine with the same balancing and
 //! `hard_limit` admission as HTTP (one slot per connection, whatever the concurrency
 //! type), waits up to `queue_timeout` when all are full, connects, retries a refused
 //! connect on another machine, writes the PROXY protocol header when the port asks
 //! for it, then copies bytes both ways until both sides close. The proxy never waits
-//! for the client to speak first.
+//! for the client to speak first. The slot is held for the connection's whole life,
+//! so a machine with an open relayed connection is busy, never idle, for autostop
+//! ([`crate::catalog::autostop`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,7 +31,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::{self, Choice, Constraints, Lease};
 use crate::proxy_proto;
-use crate::routes::{AppRoute, ServiceRoute};
+use crate::routes::{AppRoute, RouteTable, ServiceRoute};
 use crate::server::Shared;
 
 /// What a listening port does with a connection.
@@ -172,6 +178,37 @@ pub(crate) async fn relay<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // autostart: no started machine but stopped ones → start one, wait (bounded).
+    let fresh: Arc<RouteTable>;
+    let stopped = crate::routes::autostart_candidates(&shared.routes.load(), app, public_port);
+    let (app, svc) = match stopped {
+        None => (app, svc),
+        Some(stopped) => {
+            let name = Arc::clone(&app.name);
+            let served = |t: &RouteTable| match app_named(t, &name) {
+                Some(a) => crate::routes::autostart_candidates(t, a, public_port).is_none(),
+                None => true,
+            };
+            match shared.routes.autostart(&name, &stopped, served).await {
+                Ok(t) => fresh = t,
+                Err(e) => {
+                    tracing::info!(app = %name, port = public_port, "tcp connection refused: {e}");
+                    let _ = client.shutdown().await;
+                    return;
+                }
+            }
+            let found = app_named(&fresh, &name)
+                .and_then(|a| a.service_for_port(public_port).map(|s| (a, s)));
+            match found {
+                Some(x) => x,
+                None => {
+                    tracing::info!(app = %name, port = public_port, "tcp connection refused: the service is gone");
+                    let _ = client.shutdown().await;
+                    return;
+                }
+            }
+        }
+    };
     let cfg = &shared.cfg;
     let pp = svc
         .ports
@@ -223,6 +260,10 @@ pub(crate) async fn relay<S>(
     }
     tracing::info!(app = %app.name, port = public_port, "tcp connection refused: {last_error}");
     let _ = client.shutdown().await;
+}
+
+fn app_named<'a>(t: &'a RouteTable, name: &str) -> Option<&'a AppRoute> {
+    t.apps().iter().find(|a| &*a.name == name)
 }
 
 #[cfg(test)]

@@ -10,10 +10,19 @@
 //!   `h2`/`http/1.1`, then the same request path as plain HTTP/1.1 and h2c;
 //! - otherwise (`["tls"]`) → no ALPN, then raw bytes to a machine ([`crate::tcp`]).
 //!
+//! A port's fly.toml `tls_options` change that per port: `alpn` replaces the ALPN
+//! protocols offered (e.g. `["http/1.1"]` never negotiates h2), `versions` limits the
+//! TLS versions accepted (`["TLSv1.3"]` refuses a TLS 1.2-only client), and
+//! `default_self_signed` serves a self-signed certificate when none matches the SNI.
+//! Those ports get their own [`ServerConfig`], built when a route table is published
+//! ([`Certs::port_config`], reused across tables while the options stay the same),
+//! never per connection.
+//!
 //! Certificate choice ([`CertResolver`]): the exact host name first, then `*.` plus
 //! the SNI without its first label (a wildcard matches one label). An SNI without a
-//! certificate, or no SNI at all, fails the handshake. This module never writes the
-//! catalog: ACME issuance belongs to whoever creates the records.
+//! certificate, or no SNI at all, fails the handshake (unless the port has
+//! `default_self_signed`). This module never writes the catalog: ACME issuance belongs
+//! to whoever creates the records.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -236,11 +245,15 @@ struct Sources {
 pub struct CertResolver {
     served: Arc<ArcSwap<Served>>,
     challenge: bool,
+    /// Served when no certificate matches (`tls_options.default_self_signed`).
+    fallback: Option<Arc<CertifiedKey>>,
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let sni = hello.server_name()?;
+        let Some(sni) = hello.server_name() else {
+            return self.fallback.clone();
+        };
         let lower;
         let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = sni.to_ascii_lowercase();
@@ -252,10 +265,45 @@ impl ResolvesServerCert for CertResolver {
         if self.challenge {
             served.challenges.get(sni).cloned()
         } else {
-            served.lookup(sni)
+            served.lookup(sni).or_else(|| self.fallback.clone())
         }
     }
 }
+
+/// The process's self-signed certificate for `default_self_signed` ports (made once);
+/// `None` if it cannot be made.
+fn self_signed() -> Option<Arc<CertifiedKey>> {
+    static K: OnceLock<Option<Arc<CertifiedKey>>> = OnceLock::new();
+    K.get_or_init(|| {
+        let name = "aloft-default.invalid";
+        let made = rcgen::generate_simple_self_signed(vec![name.to_string()])
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                certified_key(name, &c.cert.pem(), &c.signing_key.serialize_pem())
+                    .map_err(|e| e.to_string())
+            });
+        match made {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make the default self-signed certificate");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+/// What a port's TLS server config is made of, after defaults are applied.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PortConfigKey {
+    alpn: Vec<Vec<u8>>,
+    /// Sorted; never empty.
+    versions: Vec<crate::routes::TlsVersion>,
+    self_signed: bool,
+}
+
+/// The ALPN protocols HTTP ports offer by default.
+const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// Every certificate a proxy serves, and the TLS configs that serve them.
 pub struct Certs {
@@ -264,6 +312,9 @@ pub struct Certs {
     http: Arc<ServerConfig>,
     raw: Arc<ServerConfig>,
     acme: Arc<ServerConfig>,
+    /// Configs of ports with `tls_options`, by what they are made of (kept while a
+    /// published table uses them).
+    port_configs: std::sync::Mutex<HashMap<PortConfigKey, Arc<ServerConfig>>>,
     /// Bumped on every change (tests and callers wait on it).
     generation: tokio::sync::watch::Sender<u64>,
 }
@@ -279,8 +330,16 @@ impl std::fmt::Debug for Certs {
 }
 
 fn server_config(resolver: CertResolver, alpn: &[&[u8]]) -> Arc<ServerConfig> {
+    server_config_versions(resolver, alpn, rustls::DEFAULT_VERSIONS)
+}
+
+fn server_config_versions(
+    resolver: CertResolver,
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ServerConfig> {
     let builder = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(rustls::DEFAULT_VERSIONS)
+        .with_protocol_versions(versions)
         .expect("the ring provider supports TLS 1.2 and 1.3");
     let mut c = builder
         .with_no_client_auth()
@@ -303,11 +362,13 @@ impl Certs {
         let resolver = |challenge| CertResolver {
             served: Arc::clone(&served),
             challenge,
+            fallback: None,
         };
         Certs {
-            http: server_config(resolver(false), &[b"h2", b"http/1.1"]),
+            http: server_config(resolver(false), HTTP_ALPN),
             raw: server_config(resolver(false), &[]),
             acme: server_config(resolver(true), &[ACME_TLS_ALPN]),
+            port_configs: std::sync::Mutex::new(HashMap::new()),
             served,
             sources: std::sync::Mutex::new(Sources::default()),
             generation: tokio::sync::watch::channel(0).0,
@@ -322,6 +383,73 @@ impl Certs {
     /// The config for raw TCP over TLS (`["tls"]`: no ALPN).
     pub fn raw_config(&self) -> Arc<ServerConfig> {
         Arc::clone(&self.raw)
+    }
+
+    /// The config of a port with `tls_options` (`raw`: the port relays bytes, so
+    /// offers no ALPN unless told); `None` when the options ask for nothing the
+    /// default [`Certs::http_config`] / [`Certs::raw_config`] lacks. Configs are
+    /// shared by every port with the same options and kept across calls, so a new
+    /// route table keeps their TLS session caches.
+    pub fn port_config(
+        &self,
+        opts: &crate::routes::PortTls,
+        raw: bool,
+    ) -> Option<Arc<ServerConfig>> {
+        use crate::routes::TlsVersion;
+        let alpn = match &opts.alpn {
+            Some(a) => a.clone(),
+            None if raw => Vec::new(),
+            None => HTTP_ALPN.iter().map(|p| p.to_vec()).collect(),
+        };
+        let versions = if opts.versions.is_empty() {
+            vec![TlsVersion::Tls12, TlsVersion::Tls13]
+        } else {
+            opts.versions.clone()
+        };
+        let key = PortConfigKey {
+            alpn,
+            versions,
+            self_signed: opts.default_self_signed,
+        };
+        let default_alpn = if raw { &[][..] } else { HTTP_ALPN };
+        if !key.self_signed
+            && key.versions.len() == 2
+            && key
+                .alpn
+                .iter()
+                .map(Vec::as_slice)
+                .eq(default_alpn.iter().copied())
+        {
+            return None;
+        }
+        let mut configs = match self.port_configs.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(c) = configs.get(&key) {
+            return Some(Arc::clone(c));
+        }
+        let versions: Vec<&'static rustls::SupportedProtocolVersion> = key
+            .versions
+            .iter()
+            .map(|v| match v {
+                TlsVersion::Tls12 => &rustls::version::TLS12,
+                TlsVersion::Tls13 => &rustls::version::TLS13,
+            })
+            .collect();
+        let resolver = CertResolver {
+            served: Arc::clone(&self.served),
+            challenge: false,
+            fallback: if key.self_signed { self_signed() } else { None },
+        };
+        let alpn: Vec<&[u8]> = key.alpn.iter().map(Vec::as_slice).collect();
+        let config = server_config_versions(resolver, &alpn, &versions);
+        // Bounded: one config per distinct option set ever published.
+        if configs.len() >= 256 {
+            configs.clear();
+        }
+        configs.insert(key, Arc::clone(&config));
+        Some(config)
     }
 
     /// The config answering TLS-ALPN-01 challenges (ALPN `acme-tls/1` only).
@@ -516,16 +644,12 @@ pub(crate) async fn serve_tls(
     let routed = table
         .app_for_host(sni.as_deref().unwrap_or(""))
         .and_then(|a| a.service_for_port(public_port).map(|s| (a, s)));
-    let raw = routed.is_some_and(|(_, svc)| {
-        svc.ports
-            .iter()
-            .find(|p| p.port == public_port)
-            .is_some_and(|p| !p.handlers.iter().any(|h| h == "http"))
-    });
-    let config = if raw {
-        certs.raw_config()
-    } else {
-        certs.http_config()
+    let port = routed.and_then(|(_, svc)| svc.ports.iter().find(|p| p.port == public_port));
+    let raw = port.is_some_and(|p| !p.handlers.iter().any(|h| h == "http"));
+    let config = match port.and_then(|p| p.tls_config.as_ref()) {
+        Some(c) => Arc::clone(c),
+        None if raw => certs.raw_config(),
+        None => certs.http_config(),
     };
     let done = tokio::time::timeout(timeout, start.into_stream(config)).await;
     crate::metrics::tls_handshake(matches!(done, Ok(Ok(_))));
