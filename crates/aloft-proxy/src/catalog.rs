@@ -423,3 +423,42 @@ mod cert_hostname_tests {
         assert!(!all.iter().any(|h| h.as_str() == "gone.example"), "{all:?}");
     }
 }
+
+#[cfg(test)]
+mod tls_options_tests {
+    use super::*;
+
+    #[test]
+    fn machine_port_tls_options_reach_the_routes() {
+        let app: AppRecord = serde_json::from_value(serde_json::json!({
+            "schema": 1, "id": "web", "name": "web", "org": "personal", "network": "default",
+            "created_at": ""
+        }))
+        .unwrap();
+        let m: MachineRecord = serde_json::from_value(serde_json::json!({
+            "schema": 1, "app": "web", "host": "h1",
+            "addresses": [{"internal_port": 8080, "address": "127.0.0.1:9000"}],
+            "machine": {
+                "id": "m1", "name": "m1", "state": "started", "region": "ams", "instance_id": "v1",
+                "created_at": "", "updated_at": "",
+                "config": {"image": "x", "services": [{"protocol": "tcp", "internal_port": 8080,
+                    "ports": [{"port": 443, "handlers": ["tls", "http"], "tls_options": {
+                        "alpn": ["http/1.1"], "versions": ["TLSv1.3", "TLSv9"],
+                        "default_self_signed": true}}]}]}
+            }
+        }))
+        .unwrap();
+        let spec = spec_from_catalog(&[app], &[m], ".aloft.localhost", &[]);
+        let opts = spec.apps[0].services[0].ports[0].tls_options.clone();
+        assert_eq!(
+            opts,
+            Some(crate::routes::TlsOptions {
+                alpn: Some(vec!["http/1.1".into()]),
+                versions: vec!["TLSv1.3".into()],
+                default_self_signed: true,
+            }),
+            "the unknown version is dropped, the rest kept"
+        );
+        crate::routes::RouteTable::build(&spec, "ams", None).expect("builds");
+    }
+}
