@@ -274,3 +274,51 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[tokio::test]
+async fn raw_tls_port_offers_the_alpn_it_is_given() {
+    // A `["tls"]` port relays bytes; it offers no ALPN unless `tls_options` says so.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let echo_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let text = format!(
+        r#"
+        [[apps]]
+        name = "pg"
+        hostnames = ["pg.test"]
+        [[apps.services]]
+        internal_port = 5432
+        ports = [{{ port = 80, handlers = ["tls"], tls_options = {{ alpn = ["postgresql"] }} }}]
+        [[apps.machines]]
+        id = "m1"
+        region = "local"
+        address = "{echo_addr}"
+        state = "started"
+        "#
+    );
+    let proxy = TestProxy::start(toml::from_str(&text).unwrap(), |_| {}).await;
+    let ca = LocalCa::generate().unwrap();
+    let (pem, key) = ca.issue(&["pg.test"]).unwrap();
+    proxy
+        .routes
+        .certs()
+        .insert_file("pg.test", certified_key("pg.test", &pem, &key).unwrap());
+    let cfg = client(ca.cert_pem(), &[b"postgresql"], BOTH);
+    let mut s = handshake(proxy.addr, "pg.test", cfg).await.unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    echo_task.abort();
+}
