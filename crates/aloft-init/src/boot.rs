@@ -63,18 +63,23 @@ pub const LATE_MODULES: &[&str] = &["virtio-rng", "virtio_balloon", "button", "e
 /// The root disk being mounted on /newroot by a thread of its own.
 pub type RootMount = std::thread::JoinHandle<Result<(), BootError>>;
 
+/// What [`load_modules`] did: the late modules kept in memory, the root mount under
+/// way, and how long each module's load took (guest ms), for the console timeline.
+pub struct LoadedModules {
+    pub late: Vec<(String, Vec<u8>)>,
+    pub root_mount: Option<RootMount>,
+    pub times: Vec<(&'static str, u64)>,
+}
+
 /// Loads the guest modules in dependency order, except `skip`; missing files are
 /// skipped. The `LATE_MODULES` are returned in memory instead (the initramfs files go
 /// away with the root switch), for [`load_late_modules`]. With `root_device`, the
 /// root disk starts mounting on /newroot as soon as `virtio_blk` is in, so its I/O
 /// overlaps the loading of the other modules; [`switch_root`] waits for it.
-pub fn load_modules(
-    dir: &Path,
-    skip: &[&str],
-    root_device: Option<&str>,
-) -> (Vec<(String, Vec<u8>)>, Option<RootMount>) {
+pub fn load_modules(dir: &Path, skip: &[&str], root_device: Option<&str>) -> LoadedModules {
     let mut late = Vec::new();
     let mut root_mount = None;
+    let mut times = Vec::new();
     for name in GUEST_MODULES.iter().filter(|n| !skip.contains(n)) {
         let path = dir.join(format!("{name}.ko"));
         if !path.exists() {
@@ -89,12 +94,14 @@ pub fn load_modules(
         }
         // Unsigned from memory first (signature checks are slow under TCG); a kernel
         // that enforces signatures gets the signed file.
+        let started = sys::uptime_ms();
         let r = fs::read(&path)
             .and_then(|data| sys::init_module_unsigned(&data))
             .or_else(|_| sys::finit_module(&path));
         if let Err(e) = r {
             eprintln!("aloft-init: loading {}: {e}", path.display());
         }
+        times.push((*name, sys::uptime_ms().saturating_sub(started)));
         if *name == "virtio_blk"
             && let Some(dev) = root_device
         {
@@ -110,7 +117,11 @@ pub fn load_modules(
             }
         }
     }
-    (late, root_mount)
+    LoadedModules {
+        late,
+        root_mount,
+        times,
+    }
 }
 
 /// Mounts the root disk on /newroot. `noinit_itable`: no background zeroing of inode
@@ -131,11 +142,22 @@ fn mount_root(dev: &str) -> Result<(), BootError> {
 
 /// Loads modules kept in memory by [`load_modules`].
 pub fn load_late_modules(late: Vec<(String, Vec<u8>)>) {
+    let mut times = Vec::new();
     for (name, data) in late {
+        let started = sys::uptime_ms();
         if let Err(e) = sys::init_module_unsigned(&data) {
             eprintln!("aloft-init: loading module {name}: {e}");
         }
+        times.push(format!(
+            "{name} {}ms",
+            sys::uptime_ms().saturating_sub(started)
+        ));
     }
+    eprintln!(
+        "aloft-init: late modules at {} ms: {}",
+        sys::uptime_ms(),
+        times.join(", ")
+    );
 }
 
 /// Waits (bounded) for a device node or interface to show up.
@@ -164,15 +186,19 @@ fn wait_for_block(dev: &str) -> Result<(), BootError> {
     })
 }
 
-/// Mounts the root disk on /newroot (or waits for [`load_modules`] to have done it),
-/// moves the API filesystems into it and makes it / (a move, nothing is copied).
-pub fn switch_root(cfg: &RunConfig, mounting: Option<RootMount>) -> Result<(), BootError> {
+/// Mounts the root disk on /newroot (or waits for [`load_modules`] to have done it).
+pub fn wait_root(cfg: &RunConfig, mounting: Option<RootMount>) -> Result<(), BootError> {
     match mounting {
         Some(h) => h
             .join()
-            .map_err(|_| BootError("the root mount thread panicked".into()))??,
-        None => mount_root(&cfg.root_device)?,
+            .map_err(|_| BootError("the root mount thread panicked".into()))?,
+        None => mount_root(&cfg.root_device),
     }
+}
+
+/// Moves the API filesystems into the root mounted on /newroot and makes it / (a
+/// move, nothing is copied).
+pub fn switch_root() -> Result<(), BootError> {
     // Free the initramfs memory we no longer need (best effort).
     if let Ok(entries) = fs::read_dir("/lib/modules") {
         for e in entries.flatten() {

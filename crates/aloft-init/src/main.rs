@@ -79,7 +79,7 @@ fn main() {
     if let Err(e) = boot::early_mounts() {
         fatal(&mut port, None, &e.to_string());
     }
-    let mut phases = vec![("start", boot_ms)];
+    let mut phases = vec![("start", boot_ms), ("early", sys::uptime_ms())];
     let modules = Path::new("/lib/modules");
     let cfg = match std::fs::read(RUN_CONFIG_PATH)
         .map_err(|e| format!("{RUN_CONFIG_PATH}: {e}"))
@@ -92,17 +92,18 @@ fn main() {
             fatal(&mut port, None, &e)
         }
     };
+    phases.push(("config", sys::uptime_ms()));
     let skip = if cfg.network.interfaces.is_empty() {
         boot::NET_MODULES
     } else {
         &[]
     };
     // The root disk mounts in the background while the other modules load.
-    let (late_modules, root_mount) = boot::load_modules(modules, skip, Some(&cfg.root_device));
+    let loaded = boot::load_modules(modules, skip, Some(&cfg.root_device));
     phases.push(("modules", sys::uptime_ms()));
     // Host messages that arrive before the app runs are handled once it does.
     let mut early = port.tick(Instant::now());
-    let creds = match setup(&cfg, root_mount, &mut phases) {
+    let creds = match setup(&cfg, loaded.root_mount, &mut phases) {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
     };
@@ -116,6 +117,11 @@ fn main() {
     // Tell the host now, not once the main loop runs.
     early.extend(port.tick(Instant::now()));
     port.flush();
+    let mut init = Init::new(cfg, creds, sigfd, port);
+    init.late_modules = loaded.late;
+    init.start_app();
+    init.port.flush();
+    // The timeline goes to the (slow, emulated) serial console once the app runs.
     let steps: Vec<String> = phases
         .windows(2)
         .map(|w| format!("{} {}ms", w[1].0, w[1].1.saturating_sub(w[0].1)))
@@ -124,14 +130,28 @@ fn main() {
         "aloft-init: set up at {now} ms after kernel start ({})",
         steps.join(", ")
     );
-    let mut init = Init::new(cfg, creds, sigfd, port);
-    init.late_modules = late_modules;
-    init.start_app();
-    init.port.flush();
+    let modules: Vec<String> = loaded
+        .times
+        .iter()
+        .map(|(name, ms)| format!("{name} {ms}ms"))
+        .collect();
+    eprintln!(
+        "aloft-init: modules: {} (cpu idle {} ms since kernel start)",
+        modules.join(", "),
+        procfs_idle_ms()
+    );
     for msg in early {
         init.on_host(msg);
     }
     init.run()
+}
+
+/// The guest's idle CPU time so far (from /proc/uptime), for the boot timeline.
+fn procfs_idle_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0, |s| (s * 1000.0) as u64)
 }
 
 /// Everything between the initramfs and the app: root switch, mounts, names, network.
@@ -141,8 +161,10 @@ fn setup(
     phases: &mut Vec<(&'static str, u64)>,
 ) -> Result<users::Credentials, String> {
     cfg.kill_signal_number().map_err(|e| e.to_string())?;
-    boot::switch_root(cfg, root_mount).map_err(|e| e.to_string())?;
+    boot::wait_root(cfg, root_mount).map_err(|e| e.to_string())?;
     phases.push(("root", sys::uptime_ms()));
+    boot::switch_root().map_err(|e| e.to_string())?;
+    phases.push(("switch", sys::uptime_ms()));
     boot::late_mounts().map_err(|e| e.to_string())?;
     boot::mount_volumes(cfg).map_err(|e| e.to_string())?;
     boot::write_files(cfg).map_err(|e| e.to_string())?;

@@ -594,6 +594,8 @@ pub struct AloftRun {
     pub http_ms: f64,
     /// aloft-init's own phase line from the console (modules, root, mounts, network).
     pub phases: String,
+    /// aloft-init's per-module load times from the console.
+    pub modules: String,
     pub vm: QemuVm,
     pub chan: GuestChannel,
 }
@@ -662,19 +664,21 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
             std::fs::read_to_string(vm.console_log()).unwrap_or_default()
         );
     }
-    let phases = std::fs::read_to_string(vm.console_log())
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.split_once("aloft-init: set up at ")
-                .map(|(_, p)| p.trim().to_string())
-        })
-        .unwrap_or_default();
+    let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
+    let line_after = |prefix: &str| {
+        console
+            .lines()
+            .find_map(|l| l.split_once(prefix).map(|(_, p)| p.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let phases = line_after("aloft-init: set up at ");
+    let modules = line_after("aloft-init: modules: ");
     Ok(AloftRun {
         start_ms,
         handshake_ms,
         pid1_ms: pid1.unwrap_or(handshake_ms),
         phases,
+        modules,
         init_ms: init.unwrap_or(handshake_ms),
         app_ms: app.unwrap_or(handshake_ms),
         ready_ms: ready.unwrap_or(handshake_ms),
@@ -968,6 +972,9 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             ));
             if tb == Some(32) {
                 println!("    aloft-init phases (guest clock): {}", r.phases);
+                if !r.modules.is_empty() {
+                    println!("    aloft-init modules: {}", r.modules);
+                }
             }
             if tb == Some(32) {
                 let res = aloft_suspend_resume(&m, r).await?;
