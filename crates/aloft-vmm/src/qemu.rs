@@ -287,7 +287,9 @@ pub fn command_line(spec: &VmSpec, accel: Accel) -> Vec<String> {
     }
     push(&[
         "-device",
-        "virtio-serial-device",
+        // Two ports (port 0 is reserved for a console): the guest sets up two queues
+        // per port, and the default 31 ports cost ~60 queues to probe under TCG.
+        "virtio-serial-device,max_ports=2",
         "-chardev",
         &format!("socket,id=ctl,path={},server=on,wait=off", p(VmFiles::CTL)),
         "-device",
