@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use aloft_types::guest::{GUEST_MODULES, RunConfig};
+use aloft_types::guest::{GUEST_MODULES, RUN_CONFIG_PATH, RunConfig};
 
 use crate::netlink::{self, Netlink};
 use crate::sys;
@@ -63,20 +63,24 @@ pub const LATE_MODULES: &[&str] = &["virtio-rng", "virtio_balloon", "button", "e
 /// The root disk being mounted on /newroot by a thread of its own.
 pub type RootMount = std::thread::JoinHandle<Result<(), BootError>>;
 
-/// What [`load_modules`] did: the late modules kept in memory, the root mount under
+/// What [`load_modules`] did: the late modules left for later, the root mount under
 /// way, and how long each module's load took (guest ms), for the console timeline.
 pub struct LoadedModules {
-    pub late: Vec<(String, Vec<u8>)>,
+    pub late: Vec<&'static str>,
     pub root_mount: Option<RootMount>,
     pub times: Vec<(&'static str, u64)>,
 }
 
+/// Where the initramfs keeps the modules.
+pub const MODULES_DIR: &str = "/lib/modules";
+
 /// Loads the guest modules in dependency order, except `skip`; missing files are
-/// skipped. The `LATE_MODULES` are returned in memory instead (the initramfs files go
-/// away with the root switch), for [`load_late_modules`]. With `root_device`, the
-/// root disk starts mounting on /newroot as soon as `virtio_blk` is in, so its I/O
-/// overlaps the loading of the other modules; [`switch_root`] waits for it.
-pub fn load_modules(dir: &Path, skip: &[&str], root_device: Option<&str>) -> LoadedModules {
+/// skipped. The `LATE_MODULES` are only listed, for [`Initramfs::finish`]. With
+/// `root_device`, the root disk starts mounting on /newroot as soon as `virtio_blk`
+/// is in, so its I/O overlaps the loading of the other modules; [`wait_root`] waits
+/// for it.
+pub fn load_modules(skip: &[&str], root_device: Option<&str>) -> LoadedModules {
+    let dir = Path::new(MODULES_DIR);
     let mut late = Vec::new();
     let mut root_mount = None;
     let mut times = Vec::new();
@@ -86,10 +90,7 @@ pub fn load_modules(dir: &Path, skip: &[&str], root_device: Option<&str>) -> Loa
             continue;
         }
         if LATE_MODULES.contains(name) {
-            match fs::read(&path) {
-                Ok(data) => late.push((name.to_string(), data)),
-                Err(e) => eprintln!("aloft-init: reading {}: {e}", path.display()),
-            }
+            late.push(*name);
             continue;
         }
         // Unsigned from memory first (signature checks are slow under TCG); a kernel
@@ -124,6 +125,55 @@ pub fn load_modules(dir: &Path, skip: &[&str], root_device: Option<&str>) -> Loa
     }
 }
 
+/// The initramfs once the root disk is /: reached through a directory descriptor
+/// opened before the switch, for the late modules and for freeing its files, both
+/// off the boot's path.
+pub struct Initramfs {
+    dir: fs::File,
+    late: Vec<&'static str>,
+}
+
+impl Initramfs {
+    /// Opens the initramfs root; call before [`switch_root`].
+    pub fn open(late: Vec<&'static str>) -> Result<Initramfs, BootError> {
+        let dir = fs::File::open("/").map_err(|e| err("opening the initramfs root", e))?;
+        Ok(Initramfs { dir, late })
+    }
+
+    /// Loads the late modules, then removes the initramfs files nothing needs any
+    /// more (their memory is freed; best effort).
+    pub fn finish(self) {
+        let from = sys::uptime_ms();
+        let mut times = Vec::new();
+        for name in &self.late {
+            let started = sys::uptime_ms();
+            let path = format!("lib/modules/{name}.ko");
+            let r = sys::open_at(&self.dir, &path).and_then(|mut f| {
+                let mut data = Vec::new();
+                io::Read::read_to_end(&mut f, &mut data)?;
+                sys::init_module_unsigned(&data)
+            });
+            if let Err(e) = r {
+                eprintln!("aloft-init: loading module {name}: {e}");
+            }
+            times.push(format!(
+                "{name} {}ms",
+                sys::uptime_ms().saturating_sub(started)
+            ));
+        }
+        for name in GUEST_MODULES {
+            let _ = sys::unlink_at(&self.dir, &format!("lib/modules/{name}.ko"));
+        }
+        let _ = sys::unlink_at(&self.dir, RUN_CONFIG_PATH.trim_start_matches('/'));
+        let _ = sys::unlink_at(&self.dir, "init");
+        eprintln!(
+            "aloft-init: late modules from {from} to {} ms after kernel start: {}",
+            sys::uptime_ms(),
+            times.join(", ")
+        );
+    }
+}
+
 /// Mounts the root disk on /newroot. `noinit_itable`: no background zeroing of inode
 /// tables competing with the boot for the (emulated) CPU and writing to the overlay.
 fn mount_root(dev: &str) -> Result<(), BootError> {
@@ -138,26 +188,6 @@ fn mount_root(dev: &str) -> Result<(), BootError> {
     )
     .map_err(|e| err(format_args!("mounting the root disk {dev} (ext4)"), e))?;
     Ok(())
-}
-
-/// Loads modules kept in memory by [`load_modules`].
-pub fn load_late_modules(late: Vec<(String, Vec<u8>)>) {
-    let mut times = Vec::new();
-    for (name, data) in late {
-        let started = sys::uptime_ms();
-        if let Err(e) = sys::init_module_unsigned(&data) {
-            eprintln!("aloft-init: loading module {name}: {e}");
-        }
-        times.push(format!(
-            "{name} {}ms",
-            sys::uptime_ms().saturating_sub(started)
-        ));
-    }
-    eprintln!(
-        "aloft-init: late modules at {} ms: {}",
-        sys::uptime_ms(),
-        times.join(", ")
-    );
 }
 
 /// Waits (bounded) for a device node or interface to show up.
@@ -199,14 +229,6 @@ pub fn wait_root(cfg: &RunConfig, mounting: Option<RootMount>) -> Result<(), Boo
 /// Moves the API filesystems into the root mounted on /newroot and makes it / (a
 /// move, nothing is copied).
 pub fn switch_root() -> Result<(), BootError> {
-    // Free the initramfs memory we no longer need (best effort).
-    if let Ok(entries) = fs::read_dir("/lib/modules") {
-        for e in entries.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
-    }
-    let _ = fs::remove_file("/run.json");
-    let _ = fs::remove_file("/init");
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("/newroot{m}");
         fs::create_dir_all(&target).map_err(|e| err(format_args!("creating {target}"), e))?;

@@ -59,6 +59,10 @@ const EV_KEY: u16 = 1;
 /// The late modules (rng, balloon, power button) wait for the app's readiness, so
 /// that they do not delay it, but at most this long after the app started.
 const LATE_MODULES_WAIT: Duration = Duration::from_secs(2);
+/// The late modules load on a thread at idle priority (the app's first requests come
+/// first); after this long it gets normal priority, so that a busy app cannot keep the
+/// power button away for long.
+const LATE_MODULES_IDLE_MAX: Duration = Duration::from_secs(1);
 const KEY_POWER: u16 = 116;
 
 fn main() {
@@ -80,7 +84,6 @@ fn main() {
         fatal(&mut port, None, &e.to_string());
     }
     let mut phases = vec![("start", boot_ms), ("early", sys::uptime_ms())];
-    let modules = Path::new("/lib/modules");
     let cfg = match std::fs::read(RUN_CONFIG_PATH)
         .map_err(|e| format!("{RUN_CONFIG_PATH}: {e}"))
         .and_then(|t| RunConfig::from_json(RUN_CONFIG_PATH, &t).map_err(|e| e.to_string()))
@@ -88,7 +91,7 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             // The channel needs its modules to report this.
-            boot::load_modules(modules, &[], None);
+            boot::load_modules(&[], None);
             fatal(&mut port, None, &e)
         }
     };
@@ -99,10 +102,18 @@ fn main() {
         &[]
     };
     // The root disk mounts in the background while the other modules load.
-    let loaded = boot::load_modules(modules, skip, Some(&cfg.root_device));
+    let loaded = boot::load_modules(skip, Some(&cfg.root_device));
     phases.push(("modules", sys::uptime_ms()));
     // Host messages that arrive before the app runs are handled once it does.
     let mut early = port.tick(Instant::now());
+    // The initramfs stays reachable for the late modules and its clean-up.
+    let initramfs = match boot::Initramfs::open(loaded.late) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            eprintln!("aloft-init: {e}: no late modules");
+            None
+        }
+    };
     let creds = match setup(&cfg, loaded.root_mount, &mut phases) {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
@@ -118,7 +129,7 @@ fn main() {
     early.extend(port.tick(Instant::now()));
     port.flush();
     let mut init = Init::new(cfg, creds, sigfd, port);
-    init.late_modules = loaded.late;
+    init.initramfs = initramfs;
     init.start_app();
     init.port.flush();
     // The timeline goes to the (slow, emulated) serial console once the app runs.
@@ -243,6 +254,17 @@ enum Slot {
     ExecIn(u64),
     Api,
     Input(usize),
+    LateModules,
+}
+
+/// The late modules loading on their own thread.
+struct LateLoading {
+    /// Hangs up when the thread is done (its write end is dropped).
+    done: File,
+    /// The thread's id, 0 until it has started.
+    tid: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    /// When it stops being idle-only (`None` once it has normal priority).
+    boost_at: Option<Instant>,
 }
 
 struct Init {
@@ -260,7 +282,9 @@ struct Init {
     api: Option<api::Api>,
     inputs: Vec<File>,
     /// Modules to load once the app is ready (see [`LATE_MODULES_WAIT`]).
-    late_modules: Vec<(String, Vec<u8>)>,
+    /// The initramfs, until its late modules are loaded (see [`LATE_MODULES_WAIT`]).
+    initramfs: Option<boot::Initramfs>,
+    late_loading: Option<LateLoading>,
     app_started_at: Instant,
     ready_sent: bool,
     next_ready_check: Instant,
@@ -292,7 +316,8 @@ impl Init {
             metadata,
             api,
             inputs: open_power_buttons(),
-            late_modules: Vec::new(),
+            initramfs: None,
+            late_loading: None,
             app_started_at: Instant::now(),
             ready_sent: false,
             next_ready_check: Instant::now(),
@@ -426,6 +451,10 @@ impl Init {
                 fds.push(pollfd(f.as_raw_fd(), libc::POLLIN));
                 slots.push(Slot::Input(i));
             }
+            if let Some(l) = &self.late_loading {
+                fds.push(pollfd(l.done.as_raw_fd(), libc::POLLIN));
+                slots.push(Slot::LateModules);
+            }
             let timeout = self.timeout(now);
             if let Err(e) = sys::poll(&mut fds, timeout.as_millis().min(i32::MAX as u128) as i32) {
                 eprintln!("aloft-init: poll: {e}");
@@ -443,6 +472,11 @@ impl Init {
                     Slot::ExecIn(id) => self.write_exec_stdin(id),
                     Slot::Api => api_ready = true,
                     Slot::Input(i) => self.on_input(i),
+                    Slot::LateModules => {
+                        // The power button devices are there now.
+                        self.late_loading = None;
+                        self.inputs = open_power_buttons();
+                    }
                 }
             }
             let now = Instant::now();
@@ -471,8 +505,11 @@ impl Init {
         if let Some(d) = self.stop_deadline {
             t = t.min(d.saturating_duration_since(now));
         }
-        if !self.late_modules.is_empty() {
+        if self.initramfs.is_some() {
             t = t.min((self.app_started_at + LATE_MODULES_WAIT).saturating_duration_since(now));
+        }
+        if let Some(at) = self.late_loading.as_ref().and_then(|l| l.boost_at) {
+            t = t.min(at.saturating_duration_since(now));
         }
         if let Some(end) = self.app.as_ref().and_then(|a| a.ended_at) {
             t = t.min((end + OUTPUT_GRACE).saturating_duration_since(now));
@@ -783,17 +820,37 @@ impl Init {
     /// Loads the late modules once the app is ready (or ended, or has no ready port,
     /// or had its time), then opens the power button they bring.
     fn load_late_modules(&mut self, now: Instant) {
-        if self.late_modules.is_empty() {
-            return;
+        if let Some(l) = self.late_loading.as_mut()
+            && l.boost_at.is_some_and(|at| now >= at)
+        {
+            l.boost_at = None;
+            let tid = l.tid.load(std::sync::atomic::Ordering::Acquire);
+            if tid > 0
+                && let Err(e) = sys::set_sched_policy(tid, libc::SCHED_OTHER)
+            {
+                eprintln!("aloft-init: late modules at normal priority: {e}");
+            }
         }
+        let Some(initramfs) = self.initramfs.take() else {
+            return;
+        };
         let awaiting_ready =
             !self.ready_sent && !self.cfg.ready_ports.is_empty() && self.app_running();
         if awaiting_ready && now < self.app_started_at + LATE_MODULES_WAIT {
+            self.initramfs = Some(initramfs);
             return;
         }
         self.port.flush();
-        boot::load_late_modules(std::mem::take(&mut self.late_modules));
-        self.inputs = open_power_buttons();
+        match spawn_late_loading(initramfs, now) {
+            Ok(l) => self.late_loading = Some(l),
+            Err((e, initramfs)) => {
+                eprintln!("aloft-init: no thread for the late modules ({e}): loading them now");
+                if let Some(i) = initramfs {
+                    i.finish();
+                }
+                self.inputs = open_power_buttons();
+            }
+        }
     }
 
     fn check_stop(&mut self, now: Instant) {
@@ -854,6 +911,48 @@ fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
         fd,
         events,
         revents: 0,
+    }
+}
+
+/// Starts loading `modules` on a thread at idle priority (only CPU time the app and
+/// init leave unused), raised to normal priority at [`LATE_MODULES_IDLE_MAX`].
+fn spawn_late_loading(
+    initramfs: boot::Initramfs,
+    now: Instant,
+) -> Result<LateLoading, (std::io::Error, Option<boot::Initramfs>)> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    let (done, done_w) = match sys::pipe() {
+        Ok(p) => p,
+        Err(e) => return Err((e, Some(initramfs))),
+    };
+    let tid = std::sync::Arc::new(AtomicI32::new(0));
+    let thread_tid = tid.clone();
+    // The initramfs goes back to the caller if the thread cannot start.
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(initramfs)));
+    let thread_slot = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name("late-modules".into())
+        .spawn(move || {
+            thread_tid.store(sys::gettid(), Ordering::Release);
+            if let Err(e) = sys::set_sched_policy(0, libc::SCHED_IDLE) {
+                eprintln!("aloft-init: late modules at idle priority: {e}");
+            }
+            let initramfs = thread_slot.lock().ok().and_then(|mut m| m.take());
+            if let Some(i) = initramfs {
+                i.finish();
+            }
+            drop(done_w);
+        });
+    match spawned {
+        Ok(_) => Ok(LateLoading {
+            done,
+            tid,
+            boost_at: Some(now + LATE_MODULES_IDLE_MAX),
+        }),
+        Err(e) => {
+            let initramfs = slot.lock().ok().and_then(|mut m| m.take());
+            Err((e, initramfs))
+        }
     }
 }
 

@@ -170,6 +170,51 @@ pub fn init_module_unsigned(data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Opens `path` relative to the directory `dir` (read-only, close-on-exec).
+pub fn open_at(dir: &File, path: &str) -> io::Result<File> {
+    let c = cstr(path)?;
+    // SAFETY: a directory fd we hold and a NUL-terminated path.
+    let fd = check(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: openat just returned this fresh descriptor; we own it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Removes the file `path` relative to the directory `dir`.
+pub fn unlink_at(dir: &File, path: &str) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: a directory fd we hold and a NUL-terminated path.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) }).map(drop)
+}
+
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Puts thread `tid` (0: the calling thread) under scheduling `policy` (`SCHED_IDLE`,
+/// `SCHED_OTHER`). A raw syscall: musl's wrapper is a stub that returns ENOSYS.
+pub fn set_sched_policy(tid: i32, policy: i32) -> io::Result<()> {
+    // The kernel's struct sched_param is one int (musl's has more fields).
+    let priority: libc::c_int = 0;
+    // SAFETY: sched_setscheduler reads one int (the priority) from a valid pointer.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            tid,
+            policy,
+            &priority as *const libc::c_int,
+        )
+    };
+    check(ret as libc::c_int).map(drop)
+}
+
 pub fn sync() {
     // SAFETY: no arguments, cannot fail.
     unsafe { libc::sync() };
