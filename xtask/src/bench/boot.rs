@@ -57,7 +57,12 @@ fn quick() -> bool {
 /// The tb-size variants this run boots.
 fn tb_variants() -> Vec<(Option<u32>, &'static str)> {
     if quick() {
-        TB_VARIANTS[..1].to_vec()
+        // ALOFT_BENCH_BOOT_TB=<MiB> tries another tb-size under the tb32 label.
+        let tb = std::env::var("ALOFT_BENCH_BOOT_TB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(32);
+        vec![(Some(tb), "tb32")]
     } else {
         TB_VARIANTS.to_vec()
     }
@@ -231,6 +236,7 @@ const FLOOR_HTTP_C: &str = r#"
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 static void load(int con, const char *name) {
     char path[256];
@@ -260,7 +266,9 @@ static void set_addr(int s, struct ifreq *ifr, unsigned long req, const char *ad
 }
 int main(void) {
     int con = open("/dev/console", O_WRONLY);
-    dprintf(con, "FLOOR-MARKER init started\n");
+    struct timespec ts;
+    clock_gettime(CLOCK_BOOTTIME, &ts);
+    dprintf(con, "FLOOR-MARKER init started at %ld ms\n", (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
     int list = open("/modules", O_RDONLY);
     char names[1024] = {0};
     if (list >= 0) { read(list, names, sizeof names - 1); close(list); }
@@ -358,6 +366,8 @@ pub enum FloorKind {
 
 pub struct FloorRun {
     pub marker_ms: f64,
+    /// The guest's uptime when its /init started (httpd floors), from the marker line.
+    pub marker_uptime_ms: Option<u64>,
     pub http_ms: Option<f64>,
     pub child: Child,
 }
@@ -442,20 +452,30 @@ async fn floor_boot_with(
     let mut child = cmd.spawn().context("spawning qemu-system-x86_64")?;
     let mut stdout = child.stdout.take().context("qemu stdout")?;
     let (tx, mut rx) = watch::channel(None::<f64>);
-    // Reads the serial line for the marker, then keeps draining it.
+    let (uptime_tx, uptime_rx) = watch::channel(None::<u64>);
+    // Reads the serial line for the marker (and the guest uptime it carries), then
+    // keeps draining it.
     tokio::spawn(async move {
         let mut seen = Vec::new();
         let mut buf = [0u8; 4096];
         let mut found = false;
+        let mut uptime_found = false;
         while let Ok(n) = stdout.read(&mut buf).await {
             if n == 0 {
                 break;
             }
-            if !found {
+            if !uptime_found {
                 seen.extend_from_slice(&buf[..n]);
-                if seen.windows(12).any(|w| w == b"FLOOR-MARKER") {
+                if !found && seen.windows(12).any(|w| w == b"FLOOR-MARKER") {
                     found = true;
                     let _ = tx.send(Some(ms(t0)));
+                }
+                let text = String::from_utf8_lossy(&seen);
+                if let Some((_, rest)) = text.split_once("FLOOR-MARKER init started at ")
+                    && let Some((v, _)) = rest.split_once(" ms")
+                {
+                    uptime_found = true;
+                    let _ = uptime_tx.send(v.trim().parse().ok());
                 }
             }
         }
@@ -478,8 +498,10 @@ async fn floor_boot_with(
         },
         None => None,
     };
+    let marker_uptime_ms = *uptime_rx.borrow();
     Ok(FloorRun {
         marker_ms,
+        marker_uptime_ms,
         http_ms,
         child,
     })
@@ -659,10 +681,21 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         bail!("no HTTP 200 through the forward within {LIMIT:?}");
     };
     if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+        print_jit(&vm).await;
+        // The late modules load after readiness: wait (bounded) for their line.
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until
+            && !std::fs::read_to_string(vm.console_log())
+                .unwrap_or_default()
+                .contains("late modules")
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         println!(
             "{}",
             std::fs::read_to_string(vm.console_log()).unwrap_or_default()
         );
+        print_jit(&vm).await;
     }
     let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
     let line_after = |prefix: &str| {
@@ -686,6 +719,28 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         vm,
         chan,
     })
+}
+
+/// QEMU's translation cache figures (`info jit`): code size and flushes so far.
+async fn print_jit(vm: &QemuVm) {
+    let Ok(jit) = vm
+        .qmp
+        .execute(
+            "human-monitor-command",
+            Some(json!({"command-line": "info jit"})),
+        )
+        .await
+    else {
+        return;
+    };
+    let text = jit.as_str().unwrap_or_default();
+    let keep = ["gen code size", "TB count", "TB flush count"];
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| keep.iter().any(|k| l.starts_with(k)))
+        .collect();
+    println!("    jit: {}", lines.join(" | "));
 }
 
 pub struct ResumeRun {
@@ -954,8 +1009,12 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         let f = floor_boot(env, FloorKind::Http, None).await?;
         t.push("floor.http.init_marker", f.marker_ms);
         t.push("floor.port_accepting", f.http_ms.unwrap_or_default());
+        let floor_uptime = f.marker_uptime_ms;
         f.end().await;
         let mut line = format!("    round {round}: floor {:.0} ms", t.0[0].1[round - 1]);
+        if let Some(up) = floor_uptime {
+            line.push_str(&format!(" (httpd floor's /init at guest {up} ms)"));
+        }
         for (tb, label) in tb_variants() {
             let m = aloft_machine(env, &root, &format!("r{round}-{label}"), tb).await?;
             let r = aloft_boot(&m).await?;
@@ -970,13 +1029,13 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 " | {label} init {:.0} ready {:.0} http {:.0}",
                 r.init_ms, r.ready_ms, r.http_ms
             ));
-            if tb == Some(32) {
+            if label == "tb32" {
                 println!("    aloft-init phases (guest clock): {}", r.phases);
                 if !r.modules.is_empty() {
                     println!("    aloft-init modules: {}", r.modules);
                 }
             }
-            if tb == Some(32) {
+            if label == "tb32" {
                 let res = aloft_suspend_resume(&m, r).await?;
                 t.push("aloft.tb32.suspend", res.suspend_ms);
                 t.push("aloft.tb32.resume_running", res.running_ms);
