@@ -2404,7 +2404,7 @@ async fn guest_process_list(
     use tokio::sync::broadcast::error::RecvError;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let request_id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut rx = ch.events();
+    let mut rx = ch.subscribe();
     ch.send(guest::HostMessage::ProcessList { request_id })
         .map_err(internal)?;
     let answer = async {
@@ -2438,7 +2438,7 @@ pub(crate) async fn guest_sync(ch: &GuestChannel, id: &str) -> Result<(), AgentE
     use tokio::sync::broadcast::error::RecvError;
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let request_id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut rx = ch.events();
+    let mut rx = ch.subscribe();
     ch.send(guest::HostMessage::Sync { request_id })
         .map_err(internal)?;
     let answer = async {

@@ -318,6 +318,13 @@ impl GuestChannel {
             .unwrap_or_else(|| self.shared.events.subscribe())
     }
 
+    /// Guest messages from now on, never the backlog kept for the first
+    /// [`events`](Self::events) caller: for request/reply exchanges (ps, sync) that must
+    /// not take the supervisor's receiver.
+    pub fn subscribe(&self) -> broadcast::Receiver<GuestMessage> {
+        self.shared.events.subscribe()
+    }
+
     /// The guest's state as far as the host knows it.
     pub fn state(&self) -> watch::Receiver<GuestState> {
         self.shared.state.subscribe()
