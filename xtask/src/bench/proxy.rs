@@ -85,6 +85,8 @@ struct Target {
 #[derive(Default, Clone)]
 struct Figures {
     rps: Vec<f64>,
+    /// The server's CPU (user + system) per request in a throughput round, µs.
+    cpu_us: Vec<f64>,
     p50_ms: Vec<f64>,
     p99_ms: Vec<f64>,
 }
@@ -169,8 +171,9 @@ fn start_nginx(
     procs.spawn(name, cmd, &dir.join(format!("{name}.log")))
 }
 
-/// Requests/s from one wrk run; fails on socket errors or non-2xx answers.
-fn wrk(port: u16, cpu: Option<usize>) -> Result<f64> {
+/// Requests/s and requests completed in one wrk run; fails on socket errors or
+/// non-2xx answers.
+fn wrk(port: u16, cpu: Option<usize>) -> Result<(f64, f64)> {
     let url = format!("http://127.0.0.1:{port}/");
     let secs = format!("{WRK_SECS}s");
     let conns = CONNECTIONS.to_string();
@@ -182,10 +185,18 @@ fn wrk(port: u16, cpu: Option<usize>) -> Result<f64> {
     if out.contains("Non-2xx") || out.contains("Socket errors") {
         bail!("wrk against {url} saw errors:\n{out}");
     }
-    out.lines()
+    let rps = out
+        .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))
+        .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+    // "  123456 requests in 5.00s, …"
+    let done = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse::<f64>().ok())
+        .with_context(|| format!("no request count in wrk output:\n{out}"))?;
+    Ok((rps, done))
 }
 
 /// p50/p99 (ms) from the release-built open-loop client (`aloft-proxy`'s
@@ -405,6 +416,16 @@ fn bench(
         },
     ];
     let mut figs = vec![Figures::default(); targets.len()];
+    // The process whose CPU each target costs ("direct" is the backend itself).
+    let server_pid = |name: &str| {
+        let proc_name = if name == "direct" { "backend" } else { name };
+        procs
+            .0
+            .iter()
+            .find(|(n, _)| n == proc_name)
+            .map(|(_, c)| c.id())
+    };
+    let pids: Vec<Option<u32>> = targets.iter().map(|t| server_pid(t.name)).collect();
 
     // Warm-up: fill every pool.
     for t in &targets {
@@ -416,10 +437,22 @@ fn bench(
         step(&format!(
             "throughput round {round}/{ROUNDS}: wrk -t1 -c{CONNECTIONS} -d{WRK_SECS}s"
         ));
-        for (t, f) in targets.iter().zip(&mut figs) {
-            let rps = wrk(t.port, load_cpu).with_context(|| format!("wrk against {}", t.name))?;
-            println!("    {:<8} {:>10.0} req/s", t.name, rps);
+        for ((t, f), pid) in targets.iter().zip(&mut figs).zip(&pids) {
+            let before = pid.map(cpu_ticks).transpose()?;
+            let (rps, done) =
+                wrk(t.port, load_cpu).with_context(|| format!("wrk against {}", t.name))?;
+            let after = pid.map(cpu_ticks).transpose()?;
+            // Clock ticks are 10 ms (USER_HZ 100).
+            let us = match (before, after) {
+                (Some(b), Some(a)) if done > 0.0 => (a - b) as f64 * 10_000.0 / done,
+                _ => f64::NAN,
+            };
+            println!(
+                "    {:<8} {:>10.0} req/s  {:>6.1} µs CPU/req",
+                t.name, rps, us
+            );
             f.rps.push(rps);
+            f.cpu_us.push(us);
             procs.check(dir)?;
         }
     }
@@ -441,23 +474,26 @@ fn bench(
     }
 
     let nginx_p99 = median(&figs[1].p99_ms);
+    let nginx_cpu = median(&figs[1].cpu_us);
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "\n{:<8} {:>10} {:>9} {:>9} {:>9} {:>13}",
-        "target", "req/s", "vs nginx", "p50 ms", "p99 ms", "p99 vs nginx"
+        "\n{:<8} {:>10} {:>9} {:>11} {:>9} {:>9} {:>13}",
+        "target", "req/s", "vs nginx", "CPU µs/req", "p50 ms", "p99 ms", "p99 vs nginx"
     );
     let mut json = Vec::new();
     for (t, f) in targets.iter().zip(&figs) {
         let rps = median(&f.rps);
+        let cpu_us = median(&f.cpu_us);
         let (p50, p99) = (median(&f.p50_ms), median(&f.p99_ms));
         let ratio = rps / nginx_rps;
         let _ = writeln!(
             table,
-            "{:<8} {:>10.0} {:>8.2}x {:>9.3} {:>9.3} {:>12.2}x",
+            "{:<8} {:>10.0} {:>8.2}x {:>11.1} {:>9.3} {:>9.3} {:>12.2}x",
             t.name,
             rps,
             ratio,
+            cpu_us,
             p50,
             p99,
             p99 / nginx_p99
@@ -469,6 +505,8 @@ fn bench(
             "p50_ms": (p50 * 1000.0).round() / 1000.0,
             "p99_ms": (p99 * 1000.0).round() / 1000.0,
             "ratio_vs_nginx": (ratio * 1000.0).round() / 1000.0,
+            "cpu_us_per_req": (cpu_us * 10.0).round() / 10.0,
+            "cpu_ratio_vs_nginx": (cpu_us / nginx_cpu * 1000.0).round() / 1000.0,
             "fixed_rate_rps": rate.round(),
         }));
     }
