@@ -61,7 +61,7 @@ pub const NET_MODULES: &[&str] = &["failover", "net_failover", "virtio_net"];
 pub const LATE_MODULES: &[&str] = &["virtio-rng", "virtio_balloon", "button", "evdev", "overlay"];
 
 /// The root disk being mounted on /newroot by a thread of its own.
-pub type RootMount = std::thread::JoinHandle<Result<(), BootError>>;
+pub type RootMount = std::thread::JoinHandle<Result<u64, BootError>>;
 
 /// What [`load_modules`] did: the late modules left for later, the root mount under
 /// way, and how long each module's load took (guest ms), for the console timeline.
@@ -176,19 +176,24 @@ impl Initramfs {
 
 /// Mounts the root disk on /newroot. `noinit_itable`: no background zeroing of inode
 /// tables competing with the boot for the (emulated) CPU and writing to the overlay.
-fn mount_root(dev: &str) -> Result<(), BootError> {
+/// Returns how long the mount took (guest ms), for the console timeline.
+fn mount_root(dev: &str) -> Result<u64, BootError> {
     wait_for_block(dev)?;
     fs::create_dir_all("/newroot").map_err(|e| err("creating /newroot", e))?;
+    let started = sys::uptime_ms();
     sys::mount(
         dev,
         Path::new("/newroot"),
         Some("ext4"),
         0,
-        Some("noinit_itable"),
+        Some(ROOT_MOUNT_OPTIONS),
     )
     .map_err(|e| err(format_args!("mounting the root disk {dev} (ext4)"), e))?;
-    Ok(())
+    Ok(sys::uptime_ms().saturating_sub(started))
 }
+
+/// ext4 options of the root disk.
+const ROOT_MOUNT_OPTIONS: &str = "noinit_itable";
 
 /// Waits (bounded) for a device node or interface to show up.
 fn wait_for<T>(
@@ -217,7 +222,8 @@ fn wait_for_block(dev: &str) -> Result<(), BootError> {
 }
 
 /// Mounts the root disk on /newroot (or waits for [`load_modules`] to have done it).
-pub fn wait_root(cfg: &RunConfig, mounting: Option<RootMount>) -> Result<(), BootError> {
+/// Returns how long the mount itself took (guest ms).
+pub fn wait_root(cfg: &RunConfig, mounting: Option<RootMount>) -> Result<u64, BootError> {
     match mounting {
         Some(h) => h
             .join()

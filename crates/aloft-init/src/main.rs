@@ -114,7 +114,8 @@ fn main() {
             None
         }
     };
-    let creds = match setup(&cfg, loaded.root_mount, &mut phases) {
+    let mut root_mount_ms = 0;
+    let creds = match setup(&cfg, loaded.root_mount, &mut phases, &mut root_mount_ms) {
         Ok(c) => c,
         Err(e) => fatal(&mut port, Some(&cfg), &e),
     };
@@ -147,7 +148,7 @@ fn main() {
         .map(|(name, ms)| format!("{name} {ms}ms"))
         .collect();
     eprintln!(
-        "aloft-init: modules: {} (cpu idle {} ms since kernel start)",
+        "aloft-init: modules: {} (root disk mount {root_mount_ms}ms alongside; cpu idle {} ms since kernel start)",
         modules.join(", "),
         procfs_idle_ms()
     );
@@ -170,9 +171,10 @@ fn setup(
     cfg: &RunConfig,
     root_mount: Option<boot::RootMount>,
     phases: &mut Vec<(&'static str, u64)>,
+    root_mount_ms: &mut u64,
 ) -> Result<users::Credentials, String> {
     cfg.kill_signal_number().map_err(|e| e.to_string())?;
-    boot::wait_root(cfg, root_mount).map_err(|e| e.to_string())?;
+    *root_mount_ms = boot::wait_root(cfg, root_mount).map_err(|e| e.to_string())?;
     phases.push(("root", sys::uptime_ms()));
     boot::switch_root().map_err(|e| e.to_string())?;
     phases.push(("switch", sys::uptime_ms()));
