@@ -57,12 +57,20 @@ fn quick() -> bool {
 /// The tb-size variants this run boots.
 fn tb_variants() -> Vec<(Option<u32>, &'static str)> {
     if quick() {
-        // ALOFT_BENCH_BOOT_TB=<MiB> tries another tb-size under the tb32 label.
-        let tb = std::env::var("ALOFT_BENCH_BOOT_TB")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(32);
-        vec![(Some(tb), "tb32")]
+        // ALOFT_BENCH_BOOT_TB=32,48 boots one machine per tb-size (MiB) in each round.
+        let list = std::env::var("ALOFT_BENCH_BOOT_TB").unwrap_or_default();
+        let mut v: Vec<(Option<u32>, &'static str)> = list
+            .split(',')
+            .filter_map(|t| t.trim().parse::<u32>().ok())
+            .map(|mb| {
+                let label: &'static str = Box::leak(format!("tb{mb}").into_boxed_str());
+                (Some(mb), label)
+            })
+            .collect();
+        if v.is_empty() {
+            v = TB_VARIANTS[..1].to_vec();
+        }
+        v
     } else {
         TB_VARIANTS.to_vec()
     }
@@ -368,6 +376,8 @@ pub struct FloorRun {
     pub marker_ms: f64,
     /// The guest's uptime when its /init started (httpd floors), from the marker line.
     pub marker_uptime_ms: Option<u64>,
+    /// QEMU's CPU time (all threads) when the first HTTP 200 came.
+    pub http_cpu_ms: Option<f64>,
     pub http_ms: Option<f64>,
     pub child: Child,
 }
@@ -448,8 +458,14 @@ async fn floor_boot_with(
         .stderr(Stdio::null())
         .kill_on_drop(true);
     let t0 = Instant::now();
-    let http = (kind != FloorKind::Marker).then(|| tokio::spawn(first_http_200(port, t0, LIMIT)));
+    let qemu_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let http = (kind != FloorKind::Marker)
+        .then(|| tokio::spawn(first_http_200_cpu(port, t0, LIMIT, qemu_pid.clone())));
     let mut child = cmd.spawn().context("spawning qemu-system-x86_64")?;
+    qemu_pid.store(
+        child.id().unwrap_or_default(),
+        std::sync::atomic::Ordering::Release,
+    );
     let mut stdout = child.stdout.take().context("qemu stdout")?;
     let (tx, mut rx) = watch::channel(None::<f64>);
     let (uptime_tx, uptime_rx) = watch::channel(None::<u64>);
@@ -488,9 +504,13 @@ async fn floor_boot_with(
             bail!("floor: no marker on the serial line within {LIMIT:?}");
         }
     };
+    let mut http_cpu_ms = None;
     let http_ms = match http {
         Some(h) => match h.await.ok().flatten() {
-            Some(v) => Some(v),
+            Some((v, cpu)) => {
+                http_cpu_ms = cpu;
+                Some(v)
+            }
             None => {
                 let _ = child.kill().await;
                 bail!("floor: no HTTP 200 through the forward within {LIMIT:?}");
@@ -502,6 +522,7 @@ async fn floor_boot_with(
     Ok(FloorRun {
         marker_ms,
         marker_uptime_ms,
+        http_cpu_ms,
         http_ms,
         child,
     })
@@ -618,6 +639,8 @@ pub struct AloftRun {
     pub phases: String,
     /// aloft-init's per-module load times from the console.
     pub modules: String,
+    /// QEMU's CPU time (all threads) when the first HTTP 200 came.
+    pub http_cpu_ms: Option<f64>,
     pub vm: QemuVm,
     pub chan: GuestChannel,
 }
@@ -625,8 +648,10 @@ pub struct AloftRun {
 /// Boots a prepared machine and times it.
 pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
     let t0 = Instant::now();
-    let http = tokio::spawn(first_http_200(m.port, t0, LIMIT));
+    let qemu_pid = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let http = tokio::spawn(first_http_200_cpu(m.port, t0, LIMIT, qemu_pid.clone()));
     let vm = qemu::start(&m.spec, None).await?;
+    qemu_pid.store(vm.pid as u32, std::sync::atomic::Ordering::Release);
     let start_ms = ms(t0);
     let chan = match GuestChannel::connect(vm.ctl_socket(), LIMIT).await {
         Ok(c) => c,
@@ -643,6 +668,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
     let mut pid1 = None;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
+        let mut jit_now = false;
         {
             let s = st.borrow_and_update();
             let now = ms(t0);
@@ -652,6 +678,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
                 init = Some(now);
                 let ran = at.saturating_sub(s.boot_ms.unwrap_or(at));
                 pid1 = Some(now - ran as f64);
+                jit_now = std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok();
             }
             if app.is_none() && s.app_pid.is_some() {
                 app = Some(now);
@@ -663,6 +690,9 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
                 vm.kill();
                 bail!("the app exited during boot: {exit:?}");
             }
+        }
+        if jit_now {
+            print_jit(&vm).await;
         }
         if ready.is_some() && init.is_some() && app.is_some() {
             break;
@@ -676,7 +706,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
             }
         }
     }
-    let Some(http_ms) = http.await.ok().flatten() else {
+    let Some((http_ms, http_cpu_ms)) = http.await.ok().flatten() else {
         vm.kill();
         bail!("no HTTP 200 through the forward within {LIMIT:?}");
     };
@@ -712,6 +742,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         pid1_ms: pid1.unwrap_or(handshake_ms),
         phases,
         modules,
+        http_cpu_ms,
         init_ms: init.unwrap_or(handshake_ms),
         app_ms: app.unwrap_or(handshake_ms),
         ready_ms: ready.unwrap_or(handshake_ms),
@@ -845,6 +876,33 @@ pub async fn first_http_200(port: u16, t0: Instant, limit: Duration) -> Option<f
             }
         }
     }
+}
+
+/// CPU time (ms) all threads of `pid` have run so far (schedstat, ns precision).
+pub fn cpu_ms(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut ns = 0u64;
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        ns += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(ns as f64 / 1e6)
+}
+
+/// As [`first_http_200`], with the CPU time QEMU (`pid`, once known) had used then.
+async fn first_http_200_cpu(
+    port: u16,
+    t0: Instant,
+    limit: Duration,
+    pid: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) -> Option<(f64, Option<f64>)> {
+    let at = first_http_200(port, t0, limit).await?;
+    let pid = pid.load(std::sync::atomic::Ordering::Acquire);
+    Some((at, (pid != 0).then(|| cpu_ms(pid)).flatten()))
 }
 
 /// Memory of one process, in MiB.
@@ -1009,6 +1067,10 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         let f = floor_boot(env, FloorKind::Http, None).await?;
         t.push("floor.http.init_marker", f.marker_ms);
         t.push("floor.port_accepting", f.http_ms.unwrap_or_default());
+        t.push(
+            "floor.port_accepting.qemu_cpu",
+            f.http_cpu_ms.unwrap_or_default(),
+        );
         let floor_uptime = f.marker_uptime_ms;
         f.end().await;
         let mut line = format!("    round {round}: floor {:.0} ms", t.0[0].1[round - 1]);
@@ -1025,6 +1087,10 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             t.push(&format!("aloft.{label}.app_started"), r.app_ms);
             t.push(&format!("aloft.{label}.ready_reported"), r.ready_ms);
             t.push(&format!("aloft.{label}.port_accepting"), r.http_ms);
+            t.push(
+                &format!("aloft.{label}.port_accepting.qemu_cpu"),
+                r.http_cpu_ms.unwrap_or_default(),
+            );
             line.push_str(&format!(
                 " | {label} init {:.0} ready {:.0} http {:.0}",
                 r.init_ms, r.ready_ms, r.http_ms
@@ -1067,6 +1133,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
     }
     report(&t, "floor.http.init_marker", None, None);
     report(&t, "floor.port_accepting", None, None);
+    report(&t, "floor.port_accepting.qemu_cpu", None, None);
     for (_, label) in tb_variants() {
         let c = |s: &str| format!("aloft.{label}.{s}");
         report(&t, &c("start_returned"), None, None);
@@ -1090,6 +1157,12 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             &c("port_accepting"),
             Some("floor.port_accepting"),
             Some(1.25),
+        );
+        report(
+            &t,
+            &c("port_accepting.qemu_cpu"),
+            Some("floor.port_accepting.qemu_cpu"),
+            None,
         );
     }
     report(&t, "aloft.tb32.suspend", None, None);
