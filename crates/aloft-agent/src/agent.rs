@@ -689,7 +689,7 @@ impl Agent {
             }
             let net = self.machine_net(&extra);
             let run = self.run_config(app, &m, &extra, &image, &volumes);
-            let spec = self.vm_spec(
+            let mut spec = self.vm_spec(
                 &m,
                 &run,
                 &image.rootfs,
@@ -706,13 +706,37 @@ impl Agent {
                 .map_err(internal)?;
             self.inner.db.op_step(id, 2).map_err(internal)?;
             fault_point("start", 2);
-            let vm: Arc<dyn Vm> = Arc::from(
-                self.inner
+            let mut port_retries = 0;
+            let vm: Arc<dyn Vm> = loop {
+                match self
+                    .inner
                     .vmm
                     .start(&spec, resuming.then_some(resume_from.as_path()))
                     .await
-                    .map_err(internal)?,
-            );
+                {
+                    Ok(vm) => break Arc::from(vm),
+                    // A forwarded host port was chosen free but taken (e.g. as another
+                    // connection's local port) before QEMU bound it: new ports, again.
+                    Err(e) if e.is_host_forward_taken() && port_retries < FORWARD_RETRIES => {
+                        port_retries += 1;
+                        self.system_log(id, &format!("{e}; starting again with new host ports"));
+                        extra.forwards = self.allocate_forwards(&m, &[])?;
+                        spec = self.vm_spec(
+                            &m,
+                            &run,
+                            &image.rootfs,
+                            &volumes,
+                            &extra.forwards,
+                            net.as_ref(),
+                        );
+                        self.inner
+                            .db
+                            .put_machine(app, &m, &extra)
+                            .map_err(internal)?;
+                    }
+                    Err(e) => return Err(internal(e)),
+                }
+            };
             if resuming {
                 vm.finish_resume().await.map_err(internal)?;
                 let _ = std::fs::remove_file(&resume_from);
@@ -2388,6 +2412,9 @@ impl Agent {
         rfc3339(now_ms())
     }
 }
+
+/// How often a boot picks new host ports when QEMU finds a forwarded one taken.
+const FORWARD_RETRIES: u32 = 3;
 
 /// The smallest memory the balloon leaves a guest.
 const MIN_BALLOON_MB: i64 = 64;

@@ -112,6 +112,15 @@ pub enum VmError {
     KernelPanic { dir: PathBuf, console_tail: String },
 }
 
+impl VmError {
+    /// QEMU could not listen on a forwarded host port: something else took it between
+    /// the caller choosing it and QEMU binding it. Starting again with other ports works.
+    pub fn is_host_forward_taken(&self) -> bool {
+        matches!(self, VmError::Start { stderr, .. }
+            if stderr.contains("Could not set up host forwarding rule"))
+    }
+}
+
 /// File names inside a machine directory.
 pub struct VmFiles;
 
@@ -668,4 +677,25 @@ fn guest_kernel_runs_on_kvm() -> bool {
             .filter(|l| l.starts_with("flags"))
             .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_forward_taken_is_recognised_from_qemu_stderr() {
+        let taken = VmError::Start {
+            dir: PathBuf::from("/m/1"),
+            stderr: "qemu-system-x86_64: -netdev user,id=n0,hostfwd=tcp:127.0.0.1:39829-:8080: \
+                     Could not set up host forwarding rule 'tcp:127.0.0.1:39829-:8080'"
+                .into(),
+        };
+        assert!(taken.is_host_forward_taken());
+        let other = VmError::Start {
+            dir: PathBuf::from("/m/1"),
+            stderr: "qemu-system-x86_64: -kernel /k/vmlinux: No such file or directory".into(),
+        };
+        assert!(!other.is_host_forward_taken());
+    }
 }
