@@ -18,7 +18,16 @@
 //! alike, and adds a floor run without them to each round.
 //! `ALOFT_BENCH_BOOT_ROUNDS=n` changes the number of rounds (default 5) and
 //! `ALOFT_BENCH_BOOT_QUICK=1` runs only the tb-size 32 machines and skips the memory
-//! part: for trying a change quickly (the recorded figures use the full run).
+//! part: for trying a change quickly (the recorded figures use the full run). In quick
+//! mode `ALOFT_BENCH_BOOT_TB=32,64` boots one machine per listed tb-size in each round,
+//! and `ALOFT_BENCH_BOOT_INIT_B=<path>` adds a tb-size 32 machine booting another
+//! aloft-init build (a paired A/B of two guest inits in the same rounds).
+//! `ALOFT_BENCH_BOOT_CONSOLE=1` prints each machine's console (with aloft-init's
+//! timeline and late-module line) and QEMU's translation-cache figures (`info jit`).
+//!
+//! Besides wall time, QEMU's CPU time (all threads, from schedstat) at the first HTTP
+//! 200 is reported for the floor and aloft: on this shared 2-core host it moves less
+//! with the background load than wall time does.
 //!
 //! HTTP readiness is probed with fresh short connections every 10 ms (several in
 //! flight): a connection opened before the guest listens may wait on slirp's 500 ms
@@ -50,6 +59,12 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
+/// `ALOFT_BENCH_BOOT_INIT_B=<path>` (quick mode): each round also boots a tb-size 32
+/// machine with this guest init, for a paired comparison of two builds.
+fn init_b() -> Option<PathBuf> {
+    std::env::var_os("ALOFT_BENCH_BOOT_INIT_B").map(PathBuf::from)
+}
+
 fn quick() -> bool {
     std::env::var("ALOFT_BENCH_BOOT_QUICK").is_ok_and(|v| v == "1")
 }
@@ -69,6 +84,9 @@ fn tb_variants() -> Vec<(Option<u32>, &'static str)> {
             .collect();
         if v.is_empty() {
             v = TB_VARIANTS[..1].to_vec();
+        }
+        if init_b().is_some() {
+            v.push((Some(32), "tb32.init_b"));
         }
         v
     } else {
@@ -598,11 +616,22 @@ pub async fn aloft_machine(
     name: &str,
     tb_mb: Option<u32>,
 ) -> Result<AloftMachine> {
+    aloft_machine_with(env, root, name, tb_mb, &env.init_bin).await
+}
+
+/// As [`aloft_machine`] with another guest init binary.
+async fn aloft_machine_with(
+    env: &BenchEnv,
+    root: &Path,
+    name: &str,
+    tb_mb: Option<u32>,
+    init_bin: &Path,
+) -> Result<AloftMachine> {
     let port = free_port()?;
     let spec = VmSpec {
         dir: env.dir().join("vms").join(name),
         kernel_dir: env.kernel_dir.clone(),
-        init_bin: env.init_bin.clone(),
+        init_bin: init_bin.to_path_buf(),
         cache_dir: env.dir().join("cache"),
         memory_mb: MEMORY_MB,
         vcpus: 1,
@@ -1078,7 +1107,11 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             line.push_str(&format!(" (httpd floor's /init at guest {up} ms)"));
         }
         for (tb, label) in tb_variants() {
-            let m = aloft_machine(env, &root, &format!("r{round}-{label}"), tb).await?;
+            let init = match init_b().filter(|_| label.ends_with("init_b")) {
+                Some(b) => b,
+                None => env.init_bin.clone(),
+            };
+            let m = aloft_machine_with(env, &root, &format!("r{round}-{label}"), tb, &init).await?;
             let r = aloft_boot(&m).await?;
             t.push(&format!("aloft.{label}.start_returned"), r.start_ms);
             t.push(&format!("aloft.{label}.pid1_started"), r.pid1_ms);
@@ -1095,7 +1128,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 " | {label} init {:.0} ready {:.0} http {:.0}",
                 r.init_ms, r.ready_ms, r.http_ms
             ));
-            if label == "tb32" {
+            if label.starts_with("tb32") {
                 println!("    aloft-init phases (guest clock): {}", r.phases);
                 if !r.modules.is_empty() {
                     println!("    aloft-init modules: {}", r.modules);
