@@ -353,6 +353,21 @@ impl Agent {
         }
     }
 
+    /// Drops a suspend file that could not be resumed, saying why in the machine's log.
+    fn discard_suspend_file(&self, id: &str, file: &Path, why: &aloft_vmm::VmError) {
+        self.system_log(
+            id,
+            &format!(
+                "resume failed ({why}); the suspend file is discarded and the machine boots fresh"
+            ),
+        );
+        if let Err(e) = std::fs::remove_file(file)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(machine = %id, "cannot remove {}: {e}", file.display());
+        }
+    }
+
     fn system_log(&self, id: &str, message: &str) {
         let _ = self.inner.db.add_log(id, now_ms(), "system", message);
     }
@@ -656,7 +671,7 @@ impl Agent {
         let (mut m, mut extra) = self.load(app, id)?;
         self.check_capacity(&m)?;
         let resume_from = self.machine_dir(id).join(aloft_vmm::VmFiles::STATE);
-        let resuming = m.state == MachineState::Suspended && resume_from.exists();
+        let mut resuming = m.state == MachineState::Suspended && resume_from.exists();
         self.inner.db.begin_op(id, "start", "").map_err(internal)?;
         m.state = MachineState::Starting;
         extra.stop_requested = false;
@@ -734,13 +749,32 @@ impl Agent {
                             .put_machine(app, &m, &extra)
                             .map_err(internal)?;
                     }
+                    // A suspend file QEMU cannot load (damaged, or written for another
+                    // device layout by an older aloft) must not strand the machine: it
+                    // boots fresh from its disk instead, as Fly does.
+                    Err(e) if resuming => {
+                        self.discard_suspend_file(id, &resume_from, &e);
+                        resuming = false;
+                    }
                     Err(e) => return Err(internal(e)),
                 }
             };
-            if resuming {
-                vm.finish_resume().await.map_err(internal)?;
-                let _ = std::fs::remove_file(&resume_from);
-            }
+            let vm = match resuming {
+                false => vm,
+                true => match vm.finish_resume().await {
+                    Ok(()) => {
+                        let _ = std::fs::remove_file(&resume_from);
+                        vm
+                    }
+                    // The state began loading but did not finish: as above.
+                    Err(e) => {
+                        vm.kill();
+                        self.discard_suspend_file(id, &resume_from, &e);
+                        resuming = false;
+                        Arc::from(self.inner.vmm.start(&spec, None).await.map_err(internal)?)
+                    }
+                },
+            };
             self.inner.db.op_step(id, 3).map_err(internal)?;
             fault_point("start", 3);
             let channel = match GuestChannel::connect(vm.ctl_socket(), BOOT_TIMEOUT).await {

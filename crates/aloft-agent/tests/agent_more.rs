@@ -4,7 +4,8 @@
 //! balloon reclaims memory and sets a limit, a snapshot of the attached volume is taken
 //! while the machine keeps running and restores into a new volume, a cordoned machine
 //! is published as such and keeps serving, and a command check failing three times in a
-//! row restarts the machine (`unhealthy = "restart"`) with an event saying why.
+//! row restarts the machine (`unhealthy = "restart"`) with an event saying why, and a
+//! suspend file QEMU cannot load makes the next start a fresh boot instead of a failure.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -410,7 +411,27 @@ async fn checks_ps_memory_snapshots_cordon_and_unhealthy_restart() {
         pid_after
     );
 
-    // 7. A restarted agent drops snapshot files no record names (a copy cut short by
+    // 7. A suspend file QEMU cannot load does not strand the machine: the start boots
+    //    it fresh from its disk, drops the file and says why.
+    a.suspend_machine(APP, &id, None).await.unwrap();
+    let state_file = data
+        .join("machines")
+        .join(&id)
+        .join(aloft_vmm::VmFiles::STATE);
+    assert!(state_file.exists(), "suspended without a state file");
+    std::fs::write(&state_file, b"not a QEMU migration stream").unwrap();
+    let started = a.start_machine(APP, &id, None).await.unwrap();
+    assert_eq!(started.state, MachineState::Started);
+    assert!(!state_file.exists(), "the damaged state file is kept");
+    assert!(http_get(port).unwrap().contains("hello from aloft"));
+    let logs = a.logs(APP, &id, None).await.unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l.stream == "system" && l.message.contains("resume failed")),
+        "{logs:#?}"
+    );
+
+    // 8. A restarted agent drops snapshot files no record names (a copy cut short by
     //    a crash), keeps the others; snapshots go with their volume.
     a.destroy_machine(APP, &id, true, None).await.unwrap();
     let snap_dir = data.join("snapshots").join(&vol.id);
