@@ -704,14 +704,10 @@ impl Agent {
             }
             let net = self.machine_net(&extra);
             let run = self.run_config(app, &m, &extra, &image, &volumes);
-            let mut spec = self.vm_spec(
-                &m,
-                &run,
-                &image.rootfs,
-                &volumes,
-                &extra.forwards,
-                net.as_ref(),
-            );
+            let spec_with = |forwards: &[(u16, u16)]| {
+                self.vm_spec(&m, &run, &image.rootfs, &volumes, forwards, net.as_ref())
+            };
+            let mut spec = spec_with(&extra.forwards);
             self.inner.vmm.prepare(&spec).await.map_err(internal)?;
             // Persist the forwards and digest before QEMU uses them (recovery after
             // step 3 keeps this VM).
@@ -736,14 +732,7 @@ impl Agent {
                         port_retries += 1;
                         self.system_log(id, &format!("{e}; starting again with new host ports"));
                         extra.forwards = self.allocate_forwards(&m, &[])?;
-                        spec = self.vm_spec(
-                            &m,
-                            &run,
-                            &image.rootfs,
-                            &volumes,
-                            &extra.forwards,
-                            net.as_ref(),
-                        );
+                        spec = spec_with(&extra.forwards);
                         self.inner
                             .db
                             .put_machine(app, &m, &extra)
