@@ -493,20 +493,7 @@ pub async fn acme_create(
         Some((_, rev)) => Expect::Revision(*rev),
         None => Expect::Absent,
     };
-    let now = now_rfc3339();
-    let rec = CertRecord {
-        schema: SCHEMA_VERSION,
-        hostname,
-        app,
-        source: CertSource::Acme,
-        status: CertStatus::Pending,
-        cert_pem: String::new(),
-        key_pem: String::new(),
-        not_after: None,
-        error: None,
-        created_at: now.clone(),
-        updated_at: now,
-    };
+    let rec = CertRecord::pending_acme(hostname, app, &now_rfc3339());
     write(&state, &rec, expect).await?;
     Ok((StatusCode::CREATED, Json(detail(&rec))))
 }

@@ -963,17 +963,8 @@ mod tests {
 
     fn rec(status: CertStatus, updated_at: &str) -> CertRecord {
         CertRecord {
-            schema: 1,
-            hostname: "a.example.com".into(),
-            app: "a".into(),
-            source: CertSource::Acme,
             status,
-            cert_pem: String::new(),
-            key_pem: String::new(),
-            not_after: None,
-            error: None,
-            created_at: updated_at.into(),
-            updated_at: updated_at.into(),
+            ..CertRecord::pending_acme("a.example.com", "a", updated_at)
         }
     }
 

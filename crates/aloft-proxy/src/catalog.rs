@@ -374,7 +374,6 @@ mod cordon_tests {
 #[cfg(test)]
 mod cert_hostname_tests {
     use super::*;
-    use aloft_types::catalog::{CertSource, CertStatus};
 
     fn app(name: &str) -> AppRecord {
         AppRecord {
@@ -388,19 +387,7 @@ mod cert_hostname_tests {
     }
 
     fn cert(host: &str, app: &str) -> CertRecord {
-        CertRecord {
-            schema: 1,
-            hostname: host.into(),
-            app: app.into(),
-            source: CertSource::Acme,
-            status: CertStatus::Pending,
-            cert_pem: String::new(),
-            key_pem: String::new(),
-            not_after: None,
-            error: None,
-            created_at: String::new(),
-            updated_at: String::new(),
-        }
+        CertRecord::pending_acme(host, app, "")
     }
 
     #[test]

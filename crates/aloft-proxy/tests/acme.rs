@@ -12,7 +12,7 @@ use aloft_proxy::acme::{AcmeConfig, AcmeWorker, Challenges};
 use aloft_proxy::{Listener, ProxyConfig, Routes};
 use aloft_store::{SqliteStore, Store};
 use aloft_types::catalog::{
-    ACME_ACCOUNT_KEY, ACME_CHALLENGES_PREFIX, CertRecord, CertSource, CertStatus, cert_key,
+    ACME_ACCOUNT_KEY, ACME_CHALLENGES_PREFIX, CertRecord, CertStatus, cert_key,
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -257,20 +257,7 @@ fn start_proxy(
 }
 
 fn pending(hostname: &str) -> CertRecord {
-    let now = "2026-01-01T00:00:00Z".to_string();
-    CertRecord {
-        schema: 1,
-        hostname: hostname.into(),
-        app: "app1".into(),
-        source: CertSource::Acme,
-        status: CertStatus::Pending,
-        cert_pem: String::new(),
-        key_pem: String::new(),
-        not_after: None,
-        error: None,
-        created_at: now.clone(),
-        updated_at: now,
-    }
+    CertRecord::pending_acme(hostname, "app1", "2026-01-01T00:00:00Z")
 }
 
 /// `pending(host)` of app `app1`, with the app record the worker checks for.

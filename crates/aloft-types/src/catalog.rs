@@ -166,6 +166,25 @@ pub struct CertRecord {
     pub updated_at: String,
 }
 
+impl CertRecord {
+    /// A hostname just attached to `app`, waiting for ACME to issue its certificate.
+    pub fn pending_acme(hostname: impl Into<String>, app: impl Into<String>, now: &str) -> Self {
+        CertRecord {
+            schema: SCHEMA_VERSION,
+            hostname: hostname.into(),
+            app: app.into(),
+            source: CertSource::Acme,
+            status: CertStatus::Pending,
+            cert_pem: String::new(),
+            key_pem: String::new(),
+            not_after: None,
+            error: None,
+            created_at: now.to_string(),
+            updated_at: now.to_string(),
+        }
+    }
+}
+
 /// The kind of an ACME challenge being answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
