@@ -160,7 +160,7 @@ fn tls_options(v: &serde_json::Value) -> crate::routes::TlsOptions {
     let alpn = strings("alpn").map(|a| {
         a.into_iter()
             .filter(|p| {
-                let ok = !p.is_empty() && p.len() <= 255;
+                let ok = crate::routes::valid_alpn_id(p);
                 if !ok {
                     tracing::warn!(alpn = %p, "tls_options: ALPN protocol ignored");
                 }

@@ -285,6 +285,13 @@ pub struct PortRoute {
     pub(crate) tls_config: Option<Arc<rustls::ServerConfig>>,
 }
 
+impl PortRoute {
+    /// Whether the port's fly.toml `handlers` name `handler`.
+    pub fn has_handler(&self, handler: &str) -> bool {
+        self.handlers.iter().any(|h| h == handler)
+    }
+}
+
 #[derive(Debug)]
 pub struct ServiceRoute {
     pub internal_port: u16,
@@ -595,6 +602,11 @@ impl RouteTable {
     }
 }
 
+/// An ALPN protocol id is 1 to 255 bytes (RFC 7301).
+pub(crate) fn valid_alpn_id(proto: &str) -> bool {
+    !proto.is_empty() && proto.len() <= 255
+}
+
 /// Validate a port's `tls_options`; `key` names them in errors.
 fn port_tls(o: &TlsOptions, key: &str) -> Result<PortTls, RouteTableError> {
     let alpn = match &o.alpn {
@@ -602,7 +614,7 @@ fn port_tls(o: &TlsOptions, key: &str) -> Result<PortTls, RouteTableError> {
         Some(list) => {
             let mut out = Vec::new();
             for (i, proto) in list.iter().enumerate() {
-                if proto.is_empty() || proto.len() > 255 {
+                if !valid_alpn_id(proto) {
                     return Err(bad(
                         format!("{key}.alpn[{i}]"),
                         "an ALPN protocol id is 1 to 255 bytes",
@@ -812,8 +824,7 @@ impl Routes {
             for svc in &mut app.services {
                 for p in &mut svc.ports {
                     if let Some(opts) = &p.tls {
-                        let raw = !p.handlers.iter().any(|h| h == "http");
-                        p.tls_config = self.certs.port_config(opts, raw);
+                        p.tls_config = self.certs.port_config(opts, !p.has_handler("http"));
                     }
                 }
             }

@@ -61,10 +61,9 @@ pub(crate) fn port_modes(apps: &[AppRoute]) -> HashMap<u16, PortMode> {
     for (ai, app) in apps.iter().enumerate() {
         for svc in &app.services {
             for p in &svc.ports {
-                let has = |h: &str| p.handlers.iter().any(|x| x == h);
-                let mode = if has("tls") {
+                let mode = if p.has_handler("tls") {
                     PortMode::Tls
-                } else if has("http") || has("edge_http") {
+                } else if p.has_handler("http") || p.has_handler("edge_http") {
                     PortMode::Http
                 } else {
                     PortMode::Tcp { app: ai }

@@ -645,7 +645,7 @@ pub(crate) async fn serve_tls(
         .app_for_host(sni.as_deref().unwrap_or(""))
         .and_then(|a| a.service_for_port(public_port).map(|s| (a, s)));
     let port = routed.and_then(|(_, svc)| svc.ports.iter().find(|p| p.port == public_port));
-    let raw = port.is_some_and(|p| !p.handlers.iter().any(|h| h == "http"));
+    let raw = port.is_some_and(|p| !p.has_handler("http"));
     let config = match port.and_then(|p| p.tls_config.as_ref()) {
         Some(c) => Arc::clone(c),
         None if raw => certs.raw_config(),
