@@ -717,52 +717,48 @@ impl Agent {
                 .map_err(internal)?;
             self.inner.db.op_step(id, 2).map_err(internal)?;
             fault_point("start", 2);
+            // Start (or resume) until one works. Two failures start again:
+            // - a forwarded host port chosen free but taken before QEMU bound it (e.g. as
+            //   another connection's local port): new ports;
+            // - a suspend file QEMU cannot load (damaged, or written for another device
+            //   layout by an older aloft), at start or while loading: it must not strand
+            //   the machine, so it boots fresh from its disk instead, as Fly does.
             let mut port_retries = 0;
             let vm: Arc<dyn Vm> = loop {
-                match self
+                let started = self
                     .inner
                     .vmm
                     .start(&spec, resuming.then_some(resume_from.as_path()))
-                    .await
-                {
-                    Ok(vm) => break Arc::from(vm),
-                    // A forwarded host port was chosen free but taken (e.g. as another
-                    // connection's local port) before QEMU bound it: new ports, again.
-                    Err(e) if e.is_host_forward_taken() && port_retries < FORWARD_RETRIES => {
-                        port_retries += 1;
-                        self.system_log(id, &format!("{e}; starting again with new host ports"));
-                        extra.forwards = self.allocate_forwards(&m, &[])?;
-                        spec = spec_with(&extra.forwards);
-                        self.inner
-                            .db
-                            .put_machine(app, &m, &extra)
-                            .map_err(internal)?;
-                    }
-                    // A suspend file QEMU cannot load (damaged, or written for another
-                    // device layout by an older aloft) must not strand the machine: it
-                    // boots fresh from its disk instead, as Fly does.
-                    Err(e) if resuming => {
-                        self.discard_suspend_file(id, &resume_from, &e);
-                        resuming = false;
-                    }
-                    Err(e) => return Err(internal(e)),
+                    .await;
+                let failed = match started {
+                    Ok(vm) if !resuming => break Arc::from(vm),
+                    Ok(vm) => match vm.finish_resume().await {
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&resume_from);
+                            break Arc::from(vm);
+                        }
+                        Err(e) => {
+                            vm.kill();
+                            e
+                        }
+                    },
+                    Err(e) => e,
+                };
+                if failed.is_host_forward_taken() && port_retries < FORWARD_RETRIES {
+                    port_retries += 1;
+                    self.system_log(id, &format!("{failed}; starting again with new host ports"));
+                    extra.forwards = self.allocate_forwards(&m, &[])?;
+                    spec = spec_with(&extra.forwards);
+                    self.inner
+                        .db
+                        .put_machine(app, &m, &extra)
+                        .map_err(internal)?;
+                } else if resuming {
+                    self.discard_suspend_file(id, &resume_from, &failed);
+                    resuming = false;
+                } else {
+                    return Err(internal(failed));
                 }
-            };
-            let vm = match resuming {
-                false => vm,
-                true => match vm.finish_resume().await {
-                    Ok(()) => {
-                        let _ = std::fs::remove_file(&resume_from);
-                        vm
-                    }
-                    // The state began loading but did not finish: as above.
-                    Err(e) => {
-                        vm.kill();
-                        self.discard_suspend_file(id, &resume_from, &e);
-                        resuming = false;
-                        Arc::from(self.inner.vmm.start(&spec, None).await.map_err(internal)?)
-                    }
-                },
             };
             self.inner.db.op_step(id, 3).map_err(internal)?;
             fault_point("start", 3);

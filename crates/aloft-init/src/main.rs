@@ -283,7 +283,6 @@ struct Init {
     metadata: BTreeMap<String, String>,
     api: Option<api::Api>,
     inputs: Vec<File>,
-    /// Modules to load once the app is ready (see [`LATE_MODULES_WAIT`]).
     /// The initramfs, until its late modules are loaded (see [`LATE_MODULES_WAIT`]).
     initramfs: Option<boot::Initramfs>,
     late_loading: Option<LateLoading>,
