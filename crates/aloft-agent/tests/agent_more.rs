@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aloft_agent::{Agent, AgentApi, AgentConfig, AgentError, CreateMachine, CreateVolume};
+use aloft_agent::{Agent, AgentApi, AgentError, CreateMachine, CreateVolume};
 use aloft_image::{ImageConfig, ImageStore};
 use aloft_store::{SqliteStore, Store};
 use aloft_types::catalog::MachineRecord;
@@ -21,7 +21,7 @@ use aloft_types::machine::{
     CheckStatus, MachineCheck, MachineConfig, MachineGuest, MachineInit, MachineMount, MachinePort,
     MachineRestart, MachineService, MachineState,
 };
-use aloft_vmm::{Accel, QemuVmm};
+use aloft_vmm::QemuVmm;
 
 const APP: &str = "more";
 
@@ -52,19 +52,7 @@ fn busybox_image(data: &Path) -> String {
 }
 
 async fn agent(data: &Path, store: Arc<dyn Store>) -> Agent {
-    let cfg = AgentConfig {
-        host_id: "h1".into(),
-        region: "ams".into(),
-        data_dir: data.to_path_buf(),
-        kernel_dir: aloft_testkit::kernel_dir(),
-        init_bin: aloft_testkit::init_bin().unwrap(),
-        memory_mb_total: 4096,
-        cpus_total: 8,
-        accel: Accel::Auto,
-        forward_addr: "127.0.0.1".into(),
-        pull: Default::default(),
-        tcg_tb_size_mb: Some(32),
-    };
+    let cfg = aloft_testkit::agent_config(data).expect("static guest init");
     Agent::open(cfg, store, Arc::new(QemuVmm)).await.unwrap()
 }
 
