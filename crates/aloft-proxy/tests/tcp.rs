@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use aloft_proxy::RoutesSpec;
 use aloft_proxy::tls::{LocalCa, certified_key};
-use common::{DEADLINE, TestProxy};
+use common::{DEADLINE, TestProxy, read_line};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -89,15 +89,6 @@ fn spec(handlers: &str, extra: &str, hard: u32, addrs: &[SocketAddr]) -> RoutesS
         ));
     }
     toml::from_str(&text).unwrap()
-}
-
-async fn read_line<R: tokio::io::AsyncRead + Unpin>(r: &mut BufReader<R>) -> String {
-    let mut line = String::new();
-    tokio::time::timeout(DEADLINE, r.read_line(&mut line))
-        .await
-        .expect("line in time")
-        .unwrap();
-    line
 }
 
 #[tokio::test]

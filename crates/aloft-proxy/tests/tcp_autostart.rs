@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aloft_proxy::{MachineStarter, Routes, RoutesSpec};
-use common::{DEADLINE, TestProxy};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use common::{DEADLINE, TestProxy, read_line};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A TCP backend that greets `hello <name>\n`, then echoes.
@@ -53,15 +53,6 @@ fn spec(autostop: &str, machines: &[(&str, &str, SocketAddr, &str)]) -> RoutesSp
         }
     }
     toml::from_str(&text).unwrap()
-}
-
-async fn read_line<R: tokio::io::AsyncRead + Unpin>(r: &mut BufReader<R>) -> String {
-    let mut line = String::new();
-    tokio::time::timeout(DEADLINE, r.read_line(&mut line))
-        .await
-        .expect("line in time")
-        .unwrap();
-    line
 }
 
 /// "Starts" machine m0 of `db`: binds a real echo backend, then publishes m0 as

@@ -385,3 +385,14 @@ pub async fn raw_backend(response: &'static [u8], close: bool) -> SocketAddr {
     });
     addr
 }
+
+/// One line from `r` (a relayed TCP stream), within [`DEADLINE`].
+pub async fn read_line<R: tokio::io::AsyncRead + Unpin>(r: &mut tokio::io::BufReader<R>) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    tokio::time::timeout(DEADLINE, r.read_line(&mut line))
+        .await
+        .expect("line in time")
+        .unwrap();
+    line
+}
