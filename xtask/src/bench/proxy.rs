@@ -185,6 +185,11 @@ fn wrk(port: u16, cpu: Option<usize>) -> Result<(f64, f64)> {
     if out.contains("Non-2xx") || out.contains("Socket errors") {
         bail!("wrk against {url} saw errors:\n{out}");
     }
+    wrk_figures(&out)
+}
+
+/// Requests/s and requests completed, from wrk's output.
+fn wrk_figures(out: &str) -> Result<(f64, f64)> {
     let rps = out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
@@ -197,6 +202,15 @@ fn wrk(port: u16, cpu: Option<usize>) -> Result<(f64, f64)> {
         .and_then(|(n, _)| n.trim().parse::<f64>().ok())
         .with_context(|| format!("no request count in wrk output:\n{out}"))?;
     Ok((rps, done))
+}
+
+/// CPU µs per unit of work from a process's clock ticks before and after `done`
+/// units (ticks are 10 ms, USER_HZ 100); NaN without both readings or without work.
+fn cpu_us_each(before: Option<u64>, after: Option<u64>, done: f64) -> f64 {
+    match (before, after) {
+        (Some(b), Some(a)) if done > 0.0 => (a - b) as f64 * 10_000.0 / done,
+        _ => f64::NAN,
+    }
 }
 
 /// p50/p99 (ms) from the release-built open-loop client (`aloft-proxy`'s
@@ -442,11 +456,7 @@ fn bench(
             let (rps, done) =
                 wrk(t.port, load_cpu).with_context(|| format!("wrk against {}", t.name))?;
             let after = pid.map(cpu_ticks).transpose()?;
-            // Clock ticks are 10 ms (USER_HZ 100).
-            let us = match (before, after) {
-                (Some(b), Some(a)) if done > 0.0 => (a - b) as f64 * 10_000.0 / done,
-                _ => f64::NAN,
-            };
+            let us = cpu_us_each(before, after, done);
             println!(
                 "    {:<8} {:>10.0} req/s  {:>6.1} µs CPU/req",
                 t.name, rps, us
@@ -599,11 +609,7 @@ fn h2_rounds(
             let (rps, done) =
                 h2load(*port, load_cpu).with_context(|| format!("h2load against {name}"))?;
             let after = pid.map(cpu_ticks).transpose()?;
-            // Clock ticks are 10 ms (USER_HZ 100).
-            let us = match (before, after) {
-                (Some(b), Some(a)) => (a - b) as f64 * 10_000.0 / done,
-                _ => f64::NAN,
-            };
+            let us = cpu_us_each(before, after, done);
             println!("    {name:<8} {rps:>10.0} req/s over HTTP/2  {us:>6.1} µs CPU each");
             rates.push(rps);
             cpu.push(us);
@@ -732,21 +738,8 @@ fn tls_rounds(
             if out.contains("Non-2xx") {
                 bail!("wrk against {name} over TLS saw errors:\n{out}");
             }
-            let rps = out
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
-            let done = out
-                .lines()
-                .find_map(|l| l.trim().split_once(" requests in "))
-                .and_then(|(n, _)| n.trim().parse::<f64>().ok())
-                .with_context(|| format!("no request count in wrk output:\n{out}"))?;
-            // Clock ticks are 10 ms (USER_HZ 100).
-            let us = match (before, after) {
-                (Some(b), Some(a)) if done > 0.0 => (a - b) as f64 * 10_000.0 / done,
-                _ => f64::NAN,
-            };
+            let (rps, done) = wrk_figures(&out)?;
+            let us = cpu_us_each(before, after, done);
             println!("    {name:<8} {rps:>10.0} new TLS connections/s  {us:>6.0} µs CPU each");
             rates.push(rps);
             cpu.push(us);
