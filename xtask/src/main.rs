@@ -84,7 +84,10 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn demo(data_dir: Option<PathBuf>) -> Result<()> {
-    let args = setup::SetupArgs { data_dir };
+    let args = setup::SetupArgs {
+        data_dir,
+        ..Default::default()
+    };
     let env = setup::run(&args)?;
     util::step("building aloft (release)");
     util::cargo(&["build", "--release", "-p", "aloft"], &[])?;

@@ -1,6 +1,7 @@
 //! Idempotent set-up of a Debian bookworm machine: apt packages, the musl target for
-//! the guest init, and the guest kernel unpacked into the data directory. A second
-//! run checks everything, changes nothing and takes a few seconds.
+//! the guest init, and the guest kernel built (or, with `--debian-kernel`, unpacked)
+//! into the data directory. A second run checks everything, changes nothing and takes
+//! a few seconds.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,14 @@ const APT_PACKAGES: &[&str] = &[
     "wrk",
     "nghttp2-client",
     "curl",
+    // The guest kernel is built from Debian's kernel source.
+    "linux-source-6.1",
+    "make",
+    "gcc",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
 ];
 
 /// Guest kernel modules copied next to the kernel, in the order `aloft-init` loads them.
@@ -65,6 +74,11 @@ pub struct SetupArgs {
     /// /var/lib/aloft as root or ~/.local/share/aloft).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Unpack Debian's packaged cloud kernel (virtio drivers as modules, loaded by
+    /// aloft-init at each boot) instead of building the microvm kernel: a faster
+    /// set-up, slower boots.
+    #[arg(long)]
+    pub debian_kernel: bool,
 }
 
 /// What set-up produced, for the commands that run after it.
@@ -93,7 +107,11 @@ pub fn run(args: &SetupArgs) -> Result<SetupEnv> {
     ));
     apt_packages()?;
     musl_target()?;
-    guest_kernel(&data_dir)?;
+    if args.debian_kernel {
+        debian_guest_kernel(&data_dir)?;
+    } else {
+        built_guest_kernel(&data_dir)?;
+    }
     step("set-up complete");
     Ok(SetupEnv { data_dir })
 }
@@ -209,15 +227,135 @@ pub fn build_guest_init() -> Result<()> {
     )
 }
 
+/// Debian's kernel source package and the tarball it installs.
+const KERNEL_SOURCE_PACKAGE: &str = "linux-source-6.1";
+const KERNEL_SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
+/// The guest kernel's configuration, applied on top of `make allnoconfig`.
+const KERNEL_CONFIG: &str = include_str!("../kernel/microvm.config");
+
+/// What the built kernel came from: set-up builds again when either changes.
+fn kernel_build_id() -> Result<serde_json::Value> {
+    use sha2::{Digest, Sha256};
+    let version =
+        output(Command::new("dpkg-query").args(["-W", "-f=${Version}", KERNEL_SOURCE_PACKAGE]))?;
+    Ok(serde_json::json!({
+        "source": KERNEL_SOURCE_PACKAGE,
+        "version": version.trim(),
+        "config_sha256": hex::encode(Sha256::digest(KERNEL_CONFIG.as_bytes())),
+    }))
+}
+
+/// Builds the microvm guest kernel from Debian's kernel source with
+/// `xtask/kernel/microvm.config` (every virtio driver built in, no modules) into
+/// `<data>/kernel`: the PVH `vmlinux` QEMU boots, the `vmlinuz` bzImage, the `config`
+/// and `kernel.json`. About five minutes on two cores; skipped while the source
+/// version and the config are unchanged. Built in a temporary directory and renamed
+/// into place, so an interrupted run leaves nothing half-written.
+fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
+    let dir = data_dir.kernel_dir();
+    let build = kernel_build_id()?;
+    let present = fs::read(dir.join("kernel.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .is_some_and(|m| m.get("build") == Some(&build));
+    if present && dir.join("vmlinux").exists() {
+        println!("    guest kernel: built, present in {}", dir.display());
+        return Ok(());
+    }
+    step(&format!(
+        "building the guest kernel from {KERNEL_SOURCE_PACKAGE} {} (a few minutes)",
+        build["version"].as_str().unwrap_or_default()
+    ));
+    fs::create_dir_all(data_dir.root())
+        .with_context(|| format!("creating {}", data_dir.root().display()))?;
+    let work = data_dir.root().join("kernel.tmp");
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    fs::create_dir_all(work.join("out/modules"))?;
+    run_cmd(
+        Command::new("tar")
+            .arg("xf")
+            .arg(KERNEL_SOURCE_TARBALL)
+            .arg("-C")
+            .arg(&work),
+    )?;
+    let src = work.join("linux-source-6.1");
+    let fragment = work.join("microvm.config");
+    fs::write(&fragment, KERNEL_CONFIG)?;
+    let make = |args: &[&str]| {
+        let mut cmd = Command::new("make");
+        cmd.arg("-C")
+            .arg(&src)
+            .arg("-s")
+            .arg("ARCH=x86_64")
+            .args(args);
+        cmd
+    };
+    run_cmd(make(&["allnoconfig"]).arg(format!("KCONFIG_ALLCONFIG={}", fragment.display())))?;
+    let config = fs::read_to_string(src.join(".config"))?;
+    let dropped = config_not_applied(KERNEL_CONFIG, &config);
+    if !dropped.is_empty() {
+        bail!(
+            "xtask/kernel/microvm.config: Kconfig did not apply {} (a missing dependency?)",
+            dropped.join(", ")
+        );
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
+    run_cmd(&mut make(&[&format!("-j{jobs}"), "vmlinux", "bzImage"]))?;
+    let release = output(&mut make(&["kernelrelease"]))?.trim().to_string();
+    let out = work.join("out");
+    fs::copy(src.join("vmlinux"), out.join("vmlinux"))?;
+    fs::copy(src.join("arch/x86/boot/bzImage"), out.join("vmlinuz"))?;
+    fs::write(out.join("config"), &config)?;
+    let meta = serde_json::json!({
+        "package": KERNEL_SOURCE_PACKAGE,
+        "release": release,
+        "build": build,
+        "kernel": "vmlinux",
+        "bzimage": "vmlinuz",
+        "modules": [],
+    });
+    fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&meta)?)?;
+    install_kernel_dir(&out, &dir)?;
+    fs::remove_dir_all(&work)?;
+    println!("    guest kernel {release} built into {}", dir.display());
+    Ok(())
+}
+
+/// The `CONFIG_X=value` lines of `fragment` that `config` does not have: options
+/// Kconfig dropped because something they depend on is off.
+fn config_not_applied(fragment: &str, config: &str) -> Vec<String> {
+    let have: std::collections::HashSet<&str> = config.lines().map(str::trim).collect();
+    fragment
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("CONFIG_") && !have.contains(l))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Replaces `dir` with the finished `out`.
+fn install_kernel_dir(out: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    fs::rename(out, dir).with_context(|| format!("moving kernel into {}", dir.display()))
+}
+
 /// Fetch Debian's cloud kernel with `apt-get download` and unpack into
 /// `<data>/kernel`: `vmlinuz`, the PVH `vmlinux` extracted from it, the guest
 /// modules and `kernel.json`. Built in a temporary directory and renamed into place,
 /// so an interrupted run leaves nothing half-written.
-fn guest_kernel(data_dir: &DataDir) -> Result<()> {
+fn debian_guest_kernel(data_dir: &DataDir) -> Result<()> {
     let dir = data_dir.kernel_dir();
     let manifest = dir.join("kernel.json");
-    if manifest.exists() && dir.join("vmlinux").exists() && dir.join("vmlinuz").exists() {
-        println!("    guest kernel: present in {}", dir.display());
+    let is_debian = fs::read(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .is_some_and(|m| m.get("build").is_none());
+    if is_debian && dir.join("vmlinux").exists() && dir.join("vmlinuz").exists() {
+        println!("    guest kernel: Debian's, present in {}", dir.display());
         return Ok(());
     }
     let package = pick_kernel_package()?;
@@ -279,10 +417,7 @@ fn guest_kernel(data_dir: &DataDir) -> Result<()> {
         "modules": copied,
     });
     fs::write(out.join("kernel.json"), serde_json::to_vec_pretty(&meta)?)?;
-    if dir.exists() {
-        fs::remove_dir_all(&dir)?;
-    }
-    fs::rename(&out, &dir).with_context(|| format!("moving kernel into {}", dir.display()))?;
+    install_kernel_dir(&out, &dir)?;
     fs::remove_dir_all(&work)?;
     println!("    guest kernel {release} installed in {}", dir.display());
     Ok(())
@@ -360,4 +495,14 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<()> {
     }
     fs::write(out, &decoded.stdout)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn config_lines_kconfig_dropped_are_named() {
+        let fragment = "# comment\nCONFIG_A=y\nCONFIG_B=y\nCONFIG_C=\"x\"\n";
+        let config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=\"x\"\n";
+        assert_eq!(super::config_not_applied(fragment, config), ["CONFIG_B=y"]);
+    }
 }

@@ -84,6 +84,13 @@ pub fn load_modules(skip: &[&str], root_device: Option<&str>) -> LoadedModules {
     let mut late = Vec::new();
     let mut root_mount = None;
     let mut times = Vec::new();
+    // A kernel with virtio_blk built in (the one `cargo xtask setup` builds) has the
+    // disk before /init runs: the mount starts at once.
+    if let Some(dev) = root_device
+        && !dir.join("virtio_blk.ko").exists()
+    {
+        root_mount = spawn_root_mount(dev);
+    }
     for name in GUEST_MODULES.iter().filter(|n| !skip.contains(n)) {
         let path = dir.join(format!("{name}.ko"));
         if !path.exists() {
@@ -106,22 +113,29 @@ pub fn load_modules(skip: &[&str], root_device: Option<&str>) -> LoadedModules {
         if *name == "virtio_blk"
             && let Some(dev) = root_device
         {
-            let dev = dev.to_string();
-            match std::thread::Builder::new()
-                .name("root-mount".into())
-                .spawn(move || mount_root(&dev))
-            {
-                Ok(h) => root_mount = Some(h),
-                Err(e) => {
-                    eprintln!("aloft-init: no thread for the root mount ({e}): mounting later")
-                }
-            }
+            root_mount = spawn_root_mount(dev);
         }
     }
     LoadedModules {
         late,
         root_mount,
         times,
+    }
+}
+
+/// Starts mounting the root disk on a thread of its own; `None` (mount later, on the
+/// boot's path) when no thread can be made.
+fn spawn_root_mount(dev: &str) -> Option<RootMount> {
+    let dev = dev.to_string();
+    match std::thread::Builder::new()
+        .name("root-mount".into())
+        .spawn(move || mount_root(&dev))
+    {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("aloft-init: no thread for the root mount ({e}): mounting later");
+            None
+        }
     }
 }
 

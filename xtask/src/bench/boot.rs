@@ -165,7 +165,7 @@ impl BenchEnv {
         let marker_init = musl_static(w, "floor-marker", FLOOR_MARKER_C)?;
         let http_init = musl_static(w, "floor-http", FLOOR_HTTP_C)?;
         let floor_marker = w.join("floor-marker.cpio");
-        std::fs::write(&floor_marker, floor_cpio(&kernel_dir, &marker_init, &[])?)?;
+        std::fs::write(&floor_marker, floor_cpio(&kernel_dir, &marker_init, None)?)?;
         let net = [
             "virtio_ring",
             "virtio",
@@ -175,13 +175,16 @@ impl BenchEnv {
             "virtio_net",
         ];
         let floor_http = w.join("floor-http.cpio");
-        std::fs::write(&floor_http, floor_cpio(&kernel_dir, &http_init, &net)?)?;
+        std::fs::write(
+            &floor_http,
+            floor_cpio(&kernel_dir, &http_init, Some(&net))?,
+        )?;
         let mut with_balloon = net.to_vec();
         with_balloon.push("virtio_balloon");
         let floor_http_balloon = w.join("floor-http-balloon.cpio");
         std::fs::write(
             &floor_http_balloon,
-            floor_cpio(&kernel_dir, &http_init, &with_balloon)?,
+            floor_cpio(&kernel_dir, &http_init, Some(&with_balloon))?,
         )?;
         Ok(BenchEnv {
             kernel_dir,
@@ -351,21 +354,28 @@ fn strip_signature(data: &[u8]) -> &[u8] {
     }
 }
 
-/// The floor's initramfs: /dev/console, /init, and for httpd busybox, /www and the
-/// (unsigned) modules listed in /modules.
-fn floor_cpio(kernel_dir: &Path, init: &Path, modules: &[&str]) -> Result<Vec<u8>> {
+/// The floor's initramfs: /dev/console, /init, and for httpd (`modules` is `Some`)
+/// busybox, /www and the (unsigned) modules listed in /modules: those of `modules`
+/// the kernel has as files (the kernel `cargo xtask setup` builds has them built in,
+/// and so has none).
+fn floor_cpio(kernel_dir: &Path, init: &Path, modules: Option<&[&str]>) -> Result<Vec<u8>> {
     let mut cpio = aloft_vmm::initramfs::CpioWriter::default();
     cpio.dir("dev", 0o755);
     cpio.char_device("dev/console", 0o600, 5, 1);
     cpio.file("init", 0o755, &std::fs::read(init)?);
-    if !modules.is_empty() {
+    if let Some(modules) = modules {
+        let modules: Vec<&str> = modules
+            .iter()
+            .copied()
+            .filter(|m| kernel_dir.join("modules").join(format!("{m}.ko")).exists())
+            .collect();
         cpio.dir("bin", 0o755);
         cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
         cpio.dir("www", 0o755);
         cpio.file("www/index.html", 0o644, b"hello from the floor\n");
         cpio.dir("lib", 0o755);
         cpio.dir("lib/modules", 0o755);
-        for m in modules {
+        for m in &modules {
             let path = kernel_dir.join("modules").join(format!("{m}.ko"));
             let data = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
             cpio.file(
