@@ -166,6 +166,24 @@ fn procfs_idle_ms() -> u64 {
         .map_or(0, |s| (s * 1000.0) as u64)
 }
 
+/// The tasks that used the most guest CPU so far (PID 1's count includes the kernel's
+/// own start-up, which runs as PID 1 before /init).
+fn boot_cpu_by_task() -> Vec<String> {
+    let stats = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|t| procfs::parse_stat(&t));
+    procfs::busiest(stats, 8)
+}
+
 /// Everything between the initramfs and the app: root switch, mounts, names, network.
 fn setup(
     cfg: &RunConfig,
@@ -942,6 +960,10 @@ fn spawn_late_loading(
             if let Some(i) = initramfs {
                 i.finish();
             }
+            eprintln!(
+                "aloft-init: cpu by task since kernel start: {}",
+                boot_cpu_by_task().join(", ")
+            );
             drop(done_w);
         });
     match spawned {

@@ -68,6 +68,21 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The `n` tasks that used the most CPU, as "comm ms" (ticks are USER_HZ, so 10 ms
+/// steps), for the boot timeline: where the guest's CPU went before the app was ready.
+pub fn busiest(stats: impl IntoIterator<Item = Stat>, n: usize) -> Vec<String> {
+    let mut used: Vec<(u64, String)> = stats
+        .into_iter()
+        .map(|s| (s.utime_ticks + s.stime_ticks, s.comm))
+        .filter(|(ticks, _)| *ticks > 0)
+        .collect();
+    used.sort_by(|a, b| b.0.cmp(&a.0));
+    used.into_iter()
+        .take(n)
+        .map(|(ticks, comm)| format!("{comm} {}ms", ticks * 1000 / TICKS_PER_SEC))
+        .collect()
+}
+
 /// Seconds since boot, from `/proc/uptime`, in milliseconds.
 pub fn uptime_ms(text: &str) -> Option<u64> {
     let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
@@ -246,6 +261,24 @@ mod tests {
         assert_eq!(first_ready(&[9999, 80], &[TCP, TCP6]), Some(80));
         assert_eq!(first_ready(&[8080, 80], &[TCP, TCP6]), Some(8080));
         assert_eq!(first_ready(&[], &[TCP]), None);
+    }
+
+    #[test]
+    fn busiest_tasks_come_first() {
+        let stat = |comm: &str, utime_ticks, stime_ticks| Stat {
+            comm: comm.into(),
+            utime_ticks,
+            stime_ticks,
+            start_ticks: 0,
+            rss_pages: 0,
+        };
+        let tasks = [
+            stat("idle", 0, 0),
+            stat("init", 2, 5),
+            stat("jbd2/vda-8", 0, 9),
+            stat("app", 1, 0),
+        ];
+        assert_eq!(busiest(tasks, 2), ["jbd2/vda-8 90ms", "init 70ms"]);
     }
 
     #[test]
