@@ -76,7 +76,7 @@ pub fn busiest(stats: impl IntoIterator<Item = Stat>, n: usize) -> Vec<String> {
         .map(|s| (s.utime_ticks + s.stime_ticks, s.comm))
         .filter(|(ticks, _)| *ticks > 0)
         .collect();
-    used.sort_by(|a, b| b.0.cmp(&a.0));
+    used.sort_by_key(|u| std::cmp::Reverse(u.0));
     used.into_iter()
         .take(n)
         .map(|(ticks, comm)| format!("{comm} {}ms", ticks * 1000 / TICKS_PER_SEC))
