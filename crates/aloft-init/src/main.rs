@@ -195,6 +195,7 @@ fn setup(
     *root_mount_ms = boot::wait_root(cfg, root_mount).map_err(|e| e.to_string())?;
     phases.push(("root", sys::uptime_ms()));
     boot::switch_root().map_err(|e| e.to_string())?;
+    boot::prefetch_program(cfg);
     phases.push(("switch", sys::uptime_ms()));
     boot::late_mounts().map_err(|e| e.to_string())?;
     boot::mount_volumes(cfg).map_err(|e| e.to_string())?;

@@ -142,6 +142,18 @@ pub fn hide_module_btf(image: &mut [u8]) -> bool {
     }
 }
 
+/// Asks the kernel to start reading all of `file` into the page cache; it queues the
+/// reads and returns without waiting for them.
+pub fn will_need(file: &File) -> io::Result<()> {
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+    let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(ret))
+    }
+}
+
 /// Loads a kernel module from memory without its signature: verifying it costs
 /// a lot of emulated CPU under TCG, and the initramfs is already trusted. Its BTF
 /// is hidden ([`hide_module_btf`]). "Already loaded" counts as success.
