@@ -574,13 +574,10 @@ pub fn busybox_root(dir: &Path) -> Result<PathBuf> {
     std::fs::write(tree.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     std::fs::write(tree.join("etc/group"), "root:x:0:\n")?;
     let img = dir.join("root.ext4");
-    crate::util::run(
-        std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&tree)
-            .arg(&img)
-            .arg("64M"),
-    )?;
+    // The same ext4 layout images get (4 KiB blocks; a plain 64 MiB mkfs.ext4 would
+    // pick 1 KiB blocks).
+    let content = std::fs::metadata("/bin/busybox")?.len() + (64 << 10);
+    aloft_image::ext4::build(&tree, &img, content, 16)?;
     Ok(img)
 }
 
