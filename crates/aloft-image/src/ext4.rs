@@ -130,7 +130,13 @@ mod tests {
             assert_eq!(meta.permissions().mode() & 0o7777, mode, "{name}");
         }
         let tmp = std::fs::symlink_metadata(staging.path().join("tmp")).expect("tmp");
-        assert!(tmp.file_type().is_symlink(), "the image's /tmp symlink is kept");
-        assert_eq!(std::fs::read(staging.path().join("run")).expect("run"), b"a file");
+        assert!(
+            tmp.file_type().is_symlink(),
+            "the image's /tmp symlink is kept"
+        );
+        assert_eq!(
+            std::fs::read(staging.path().join("run")).expect("run"),
+            b"a file"
+        );
     }
 }
