@@ -266,13 +266,7 @@ fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
         "building the guest kernel from {KERNEL_SOURCE_PACKAGE} {} (a few minutes)",
         build["version"].as_str().unwrap_or_default()
     ));
-    fs::create_dir_all(data_dir.root())
-        .with_context(|| format!("creating {}", data_dir.root().display()))?;
-    let work = data_dir.root().join("kernel.tmp");
-    if work.exists() {
-        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
-    }
-    fs::create_dir_all(work.join("out/modules"))?;
+    let work = fresh_kernel_work_dir(data_dir)?;
     run_cmd(
         Command::new("tar")
             .arg("xf")
@@ -335,6 +329,18 @@ fn config_not_applied(fragment: &str, config: &str) -> Vec<String> {
         .collect()
 }
 
+/// An empty `<data>/kernel.tmp` with `out/modules/` in it, where the kernel directory
+/// is put together before it replaces `<data>/kernel`.
+fn fresh_kernel_work_dir(data_dir: &DataDir) -> Result<PathBuf> {
+    let work = data_dir.root().join("kernel.tmp");
+    if work.exists() {
+        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
+    fs::create_dir_all(work.join("out/modules"))
+        .with_context(|| format!("creating {}", work.display()))?;
+    Ok(work)
+}
+
 /// Replaces `dir` with the finished `out`.
 fn install_kernel_dir(out: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
@@ -360,13 +366,7 @@ fn debian_guest_kernel(data_dir: &DataDir) -> Result<()> {
     }
     let package = pick_kernel_package()?;
     step(&format!("downloading guest kernel {package}"));
-    fs::create_dir_all(data_dir.root())
-        .with_context(|| format!("creating {}", data_dir.root().display()))?;
-    let work = data_dir.root().join("kernel.tmp");
-    if work.exists() {
-        fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
-    }
-    fs::create_dir_all(work.join("out/modules"))?;
+    let work = fresh_kernel_work_dir(data_dir)?;
     run_cmd(
         Command::new("apt-get")
             .args(["download", "-q", &package])
