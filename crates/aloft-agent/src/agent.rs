@@ -1145,153 +1145,170 @@ impl Agent {
             .map(|o| (o.machine_id, o.kind))
             .collect();
         let machines = self.inner.db.list_machines(None).unwrap_or_default();
+        // Each machine's recovery touches only that machine: they run side by side, so
+        // re-attaching takes the slowest guest's channel handshake, not the sum of all.
+        let mut set = tokio::task::JoinSet::new();
         for (app, m, extra) in machines {
-            let id = m.id.clone();
-            let op = ops.get(&id).map(String::as_str);
-            let dir = self.machine_dir(&id);
-            let attached = self.inner.vmm.attach(&dir).await.ok();
-            match (op, attached) {
-                (Some("start"), None) => {
-                    // Interrupted before the VM came up: do the start again (a resume
-                    // stays a resume while its saved state is there).
-                    let _ = self.inner.db.end_op(&id);
-                    let mut m = m;
-                    let saved = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
-                    m.state = if saved.exists() {
-                        MachineState::Suspended
-                    } else {
-                        MachineState::Stopped
-                    };
-                    let _ = self.inner.db.put_machine(&app, &m, &extra);
-                    self.spawn_boot(&app, &id, "restarting an interrupted start");
+            let op = ops.get(&m.id).cloned();
+            let agent = self.clone();
+            set.spawn(async move { agent.recover_machine(app, m, extra, op.as_deref()).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    /// [`recover`](Self::recover) for one machine, given the operation that was under
+    /// way on it when the agent went away.
+    async fn recover_machine(
+        &self,
+        app: String,
+        m: Machine,
+        extra: MachineExtra,
+        op: Option<&str>,
+    ) {
+        let id = m.id.clone();
+        let dir = self.machine_dir(&id);
+        let attached = self.inner.vmm.attach(&dir).await.ok();
+        match (op, attached) {
+            (Some("start"), None) => {
+                // Interrupted before the VM came up: do the start again (a resume
+                // stays a resume while its saved state is there).
+                let _ = self.inner.db.end_op(&id);
+                let mut m = m;
+                let saved = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
+                m.state = if saved.exists() {
+                    MachineState::Suspended
+                } else {
+                    MachineState::Stopped
+                };
+                let _ = self.inner.db.put_machine(&app, &m, &extra);
+                self.spawn_boot(&app, &id, "restarting an interrupted start");
+            }
+            (Some("update"), None) => {
+                // The old VM is gone and the new config was not recorded: undo the
+                // update by booting the machine as it was.
+                let _ = self.inner.db.end_op(&id);
+                let mut m = m;
+                m.state = MachineState::Stopped;
+                let _ = self.inner.db.put_machine(&app, &m, &extra);
+                self.spawn_boot(&app, &id, "rolling back an interrupted update");
+            }
+            (Some("suspend"), Some(vm)) => {
+                // The save did not finish: run the VM again as it was.
+                let vm: Arc<dyn Vm> = Arc::from(vm);
+                if vm.status().await.is_ok_and(|s| s != "running") {
+                    let _ = vm.resume().await;
                 }
-                (Some("update"), None) => {
-                    // The old VM is gone and the new config was not recorded: undo the
-                    // update by booting the machine as it was.
-                    let _ = self.inner.db.end_op(&id);
-                    let mut m = m;
-                    m.state = MachineState::Stopped;
-                    let _ = self.inner.db.put_machine(&app, &m, &extra);
-                    self.spawn_boot(&app, &id, "rolling back an interrupted update");
+                let _ = std::fs::remove_file(
+                    self.machine_dir(&id)
+                        .join(aloft_vmm::VmFiles::STATE)
+                        .with_extension("partial"),
+                );
+                let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
+                    .await
+                    .ok()
+                    .map(Arc::new);
+                let mut m = m;
+                let mut extra = extra;
+                m.state = MachineState::Started;
+                extra.stop_requested = false;
+                let _ = self.save(&app, &mut m, &extra).await;
+                let _ = self.inner.db.end_op(&id);
+                self.attach_runtime(&app, &id, vm, ch).await;
+            }
+            (Some("destroy"), _) => {
+                let _ = self.destroy_inner(&app, &id, true, "flyd").await;
+            }
+            (Some("stop"), Some(vm)) => {
+                let vm: Arc<dyn Vm> = Arc::from(vm);
+                let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
+                    .await
+                    .ok()
+                    .map(Arc::new);
+                self.attach_runtime(&app, &id, vm, ch).await;
+                let _ = self
+                    .stop_inner(&app, &id, StopOptions::default(), "flyd")
+                    .await;
+                if extra.restart_pending {
+                    self.spawn_boot(&app, &id, "finishing an interrupted restart");
                 }
-                (Some("suspend"), Some(vm)) => {
-                    // The save did not finish: run the VM again as it was.
-                    let vm: Arc<dyn Vm> = Arc::from(vm);
-                    if vm.status().await.is_ok_and(|s| s != "running") {
-                        let _ = vm.resume().await;
-                    }
-                    let _ = std::fs::remove_file(
-                        self.machine_dir(&id)
-                            .join(aloft_vmm::VmFiles::STATE)
-                            .with_extension("partial"),
-                    );
-                    let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
-                        .await
-                        .ok()
-                        .map(Arc::new);
-                    let mut m = m;
-                    let mut extra = extra;
+            }
+            (_, Some(vm))
+                if matches!(
+                    m.state,
+                    MachineState::Started
+                        | MachineState::Starting
+                        | MachineState::Stopping
+                        | MachineState::Replacing
+                ) =>
+            {
+                // Still running: keep it, never restart it. A guest still booting
+                // gets the whole boot time to answer.
+                let vm: Arc<dyn Vm> = Arc::from(vm);
+                // A volume snapshot cut short by the crash may have left it paused.
+                if vm.status().await.is_ok_and(|s| s == "paused") {
+                    let _ = vm.resume().await;
+                }
+                let wait = if m.state == MachineState::Starting {
+                    BOOT_TIMEOUT
+                } else {
+                    Duration::from_secs(5)
+                };
+                let ch = GuestChannel::connect(vm.ctl_socket(), wait)
+                    .await
+                    .ok()
+                    .map(Arc::new);
+                let mut m = m;
+                let mut extra = extra;
+                if m.state != MachineState::Started {
                     m.state = MachineState::Started;
                     extra.stop_requested = false;
                     let _ = self.save(&app, &mut m, &extra).await;
-                    let _ = self.inner.db.end_op(&id);
-                    self.attach_runtime(&app, &id, vm, ch).await;
                 }
-                (Some("destroy"), _) => {
-                    let _ = self.destroy_inner(&app, &id, true, "flyd").await;
-                }
-                (Some("stop"), Some(vm)) => {
-                    let vm: Arc<dyn Vm> = Arc::from(vm);
-                    let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
-                        .await
-                        .ok()
-                        .map(Arc::new);
-                    self.attach_runtime(&app, &id, vm, ch).await;
-                    let _ = self
-                        .stop_inner(&app, &id, StopOptions::default(), "flyd")
-                        .await;
-                    if extra.restart_pending {
-                        self.spawn_boot(&app, &id, "finishing an interrupted restart");
+                let _ = self.inner.db.end_op(&id);
+                self.attach_runtime(&app, &id, vm, ch).await;
+            }
+            (_, Some(vm)) => {
+                // A VM for a machine that should not be running (stopped, suspended …).
+                vm.kill();
+                vm.wait_exit(Duration::from_secs(5)).await;
+                let _ = self.inner.db.end_op(&id);
+            }
+            (_, None) => {
+                let _ = self.inner.db.end_op(&id);
+                match m.state {
+                    MachineState::Started | MachineState::Starting => {
+                        // It died while we were away: the restart policy decides.
+                        let mut m2 = m.clone();
+                        m2.state = MachineState::Started;
+                        let mut e2 = extra.clone();
+                        e2.stop_requested = false;
+                        let _ = self.inner.db.put_machine(&app, &m2, &e2);
+                        self.kill_stray(&id).await;
+                        let agent = self.clone();
+                        tokio::spawn(async move { agent.vm_ended(&app, &id, None).await });
                     }
-                }
-                (_, Some(vm))
-                    if matches!(
-                        m.state,
-                        MachineState::Started
-                            | MachineState::Starting
-                            | MachineState::Stopping
-                            | MachineState::Replacing
-                    ) =>
-                {
-                    // Still running: keep it, never restart it. A guest still booting
-                    // gets the whole boot time to answer.
-                    let vm: Arc<dyn Vm> = Arc::from(vm);
-                    // A volume snapshot cut short by the crash may have left it paused.
-                    if vm.status().await.is_ok_and(|s| s == "paused") {
-                        let _ = vm.resume().await;
-                    }
-                    let wait = if m.state == MachineState::Starting {
-                        BOOT_TIMEOUT
-                    } else {
-                        Duration::from_secs(5)
-                    };
-                    let ch = GuestChannel::connect(vm.ctl_socket(), wait)
-                        .await
-                        .ok()
-                        .map(Arc::new);
-                    let mut m = m;
-                    let mut extra = extra;
-                    if m.state != MachineState::Started {
-                        m.state = MachineState::Started;
-                        extra.stop_requested = false;
+                    MachineState::Stopping | MachineState::Replacing => {
+                        let mut m = m;
+                        m.state = MachineState::Stopped;
                         let _ = self.save(&app, &mut m, &extra).await;
-                    }
-                    let _ = self.inner.db.end_op(&id);
-                    self.attach_runtime(&app, &id, vm, ch).await;
-                }
-                (_, Some(vm)) => {
-                    // A VM for a machine that should not be running (stopped, suspended …).
-                    vm.kill();
-                    vm.wait_exit(Duration::from_secs(5)).await;
-                    let _ = self.inner.db.end_op(&id);
-                }
-                (_, None) => {
-                    let _ = self.inner.db.end_op(&id);
-                    match m.state {
-                        MachineState::Started | MachineState::Starting => {
-                            // It died while we were away: the restart policy decides.
-                            let mut m2 = m.clone();
-                            m2.state = MachineState::Started;
-                            let mut e2 = extra.clone();
-                            e2.stop_requested = false;
-                            let _ = self.inner.db.put_machine(&app, &m2, &e2);
-                            self.kill_stray(&id).await;
-                            let agent = self.clone();
-                            tokio::spawn(async move { agent.vm_ended(&app, &id, None).await });
-                        }
-                        MachineState::Stopping | MachineState::Replacing => {
-                            let mut m = m;
-                            m.state = MachineState::Stopped;
-                            let _ = self.save(&app, &mut m, &extra).await;
-                            if extra.restart_pending {
-                                self.spawn_boot(&app, &id, "finishing an interrupted restart");
-                            }
-                        }
-                        MachineState::Stopped if extra.restart_pending => {
+                        if extra.restart_pending {
                             self.spawn_boot(&app, &id, "finishing an interrupted restart");
                         }
-                        MachineState::Suspending => {
-                            let state = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
-                            let mut m = m;
-                            m.state = if state.exists() {
-                                MachineState::Suspended
-                            } else {
-                                MachineState::Stopped
-                            };
-                            let _ = self.save(&app, &mut m, &extra).await;
-                        }
-                        _ => self.publish(&app, &m, &extra).await,
                     }
+                    MachineState::Stopped if extra.restart_pending => {
+                        self.spawn_boot(&app, &id, "finishing an interrupted restart");
+                    }
+                    MachineState::Suspending => {
+                        let state = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
+                        let mut m = m;
+                        m.state = if state.exists() {
+                            MachineState::Suspended
+                        } else {
+                            MachineState::Stopped
+                        };
+                        let _ = self.save(&app, &mut m, &extra).await;
+                    }
+                    _ => self.publish(&app, &m, &extra).await,
                 }
             }
         }

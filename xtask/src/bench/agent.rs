@@ -300,13 +300,17 @@ async fn bench(env: &BenchEnv, machines: usize) -> Result<()> {
     let (_, floor_med) = min_median(&floor);
     let (_, restart_med) = min_median(&restart);
     let ratio = restart_med / floor_med;
+    // Each round's start against the floor of the same round (the same background
+    // load), their median: steadier than the ratio of medians on a busy host.
+    let per_round: Vec<f64> = restart.iter().zip(&floor).map(|(r, f)| r / f).collect();
+    let (_, paired) = min_median(&per_round);
     json_lines.push(timing_line(
         "start_from_stopped",
         &restart,
-        json!({"ratio": (ratio * 100.0).round() / 100.0, "against": "floor.port_accepting", "goal_ratio": 1.2}),
+        json!({"ratio": (ratio * 100.0).round() / 100.0, "paired_ratio": (paired * 100.0).round() / 100.0, "against": "floor.port_accepting", "goal_ratio": 1.2}),
     ));
     println!(
-        "{:<36} start-from-stopped / floor port accepting = {ratio:.2} (goal <= 1.2: {})",
+        "{:<36} start-from-stopped / floor port accepting = {ratio:.2}, paired {paired:.2} (goal <= 1.2: {})",
         "",
         if ratio <= 1.2 { "ok" } else { "MISSED" }
     );
