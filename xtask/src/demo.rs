@@ -159,7 +159,11 @@ pub fn run(repo: &Path, data: &DataDir) -> Result<()> {
     step("deploying examples/hello (two machines, regions local and remote)");
     let fly_toml = repo.join("examples/hello/fly.toml");
     let fly = fly_toml.display().to_string();
-    let _ = aloft(&bin, data, &["apps", "create", "hello"]);
+    // A second demo run finds the app from the first one.
+    let apps = aloft(&bin, data, &["apps", "list"])?;
+    if !apps.lines().any(|l| l.split_whitespace().next() == Some("hello")) {
+        aloft(&bin, data, &["apps", "create", "hello"])?;
+    }
     aloft(
         &bin,
         data,
