@@ -161,7 +161,10 @@ pub fn run(repo: &Path, data: &DataDir) -> Result<()> {
     let fly = fly_toml.display().to_string();
     // A second demo run finds the app from the first one.
     let apps = aloft(&bin, data, &["apps", "list"])?;
-    if !apps.lines().any(|l| l.split_whitespace().next() == Some("hello")) {
+    if !apps
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some("hello"))
+    {
         aloft(&bin, data, &["apps", "create", "hello"])?;
     }
     aloft(
