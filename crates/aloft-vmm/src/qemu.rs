@@ -340,11 +340,29 @@ pub async fn start(spec: &VmSpec, incoming: Option<&Path>) -> Result<QemuVm, VmE
     let _ = std::fs::remove_file(&console);
     let mut cmd = Command::new(QEMU);
     cmd.args(command_line(spec, accel));
-    if let Some(state) = incoming {
-        cmd.arg("-incoming").arg(format!(
-            "exec:cat {}",
-            shell_quote(&state.display().to_string())
-        ));
+    // The saved state is handed over as an open descriptor (`fd:`), so QEMU reads
+    // the file itself rather than through a pipe from `sh -c cat`.
+    let state_file = match incoming {
+        Some(state) => Some(std::fs::File::open(state).map_err(|source| VmError::Io {
+            path: state.to_path_buf(),
+            source,
+        })?),
+        None => None,
+    };
+    if let Some(file) = &state_file {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        cmd.arg("-incoming").arg(format!("fd:{fd}"));
+        // SAFETY: runs between fork and exec and only calls fcntl (async-signal-safe)
+        // to let the state file's descriptor, open until the spawn has returned,
+        // survive the exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())
+                    .map_err(std::io::Error::from)
+            });
+        }
     }
     let out = cmd
         .stdin(Stdio::null())
@@ -362,6 +380,7 @@ pub async fn start(spec: &VmSpec, incoming: Option<&Path>) -> Result<QemuVm, VmE
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
+    drop(state_file);
     attach(&spec.dir).await
 }
 
