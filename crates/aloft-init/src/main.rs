@@ -169,18 +169,7 @@ fn procfs_idle_ms() -> u64 {
 /// The tasks that used the most guest CPU so far (PID 1's count includes the kernel's
 /// own start-up, which runs as PID 1 before /init).
 fn boot_cpu_by_task() -> Vec<String> {
-    let stats = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter_map(|t| procfs::parse_stat(&t));
+    let stats = procfs::process_stats(std::path::Path::new("/proc")).map(|(_, _, stat)| stat);
     procfs::busiest(stats, 8)
 }
 

@@ -147,6 +147,23 @@ pub fn listen_sockets(proto: &str, text: &str) -> Vec<(u64, ListenSocket)> {
         .collect()
 }
 
+/// Each process directory of `proc_dir` with its pid and parsed `stat`; processes
+/// that vanish meanwhile are skipped.
+pub fn process_stats(
+    proc_dir: &std::path::Path,
+) -> impl Iterator<Item = (i32, std::path::PathBuf, Stat)> {
+    std::fs::read_dir(proc_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let dir = entry.path();
+            let stat = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+            Some((pid, dir, stat))
+        })
+}
+
 /// Reads every process of `/proc` (as `ps` shows them) and the memory counters
 /// (`MemTotal`, `MemAvailable` in kB). Processes that vanish meanwhile are skipped.
 pub fn processes(proc_dir: &std::path::Path) -> (Vec<ProcessStat>, u64, u64) {
@@ -161,19 +178,7 @@ pub fn processes(proc_dir: &std::path::Path) -> (Vec<ProcessStat>, u64, u64) {
     }
     let ms = |ticks: u64| ticks * 1000 / TICKS_PER_SEC;
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(proc_dir).into_iter().flatten().flatten();
-    for entry in entries {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let dir = entry.path();
-        let Some(stat) = parse_stat(&read(dir.join("stat"))) else {
-            continue;
-        };
+    for (pid, dir, stat) in process_stats(proc_dir) {
         let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
         let command = if cmdline.is_empty() {
             format!("[{}]", stat.comm)
