@@ -254,10 +254,7 @@ fn kernel_build_id() -> Result<serde_json::Value> {
 fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
     let dir = data_dir.kernel_dir();
     let build = kernel_build_id()?;
-    let present = fs::read(dir.join("kernel.json"))
-        .ok()
-        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-        .is_some_and(|m| m.get("build") == Some(&build));
+    let present = kernel_manifest(&dir).is_some_and(|m| m.get("build") == Some(&build));
     if present && dir.join("vmlinux").exists() {
         println!("    guest kernel: built, present in {}", dir.display());
         return Ok(());
@@ -274,7 +271,8 @@ fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
             .arg("-C")
             .arg(&work),
     )?;
-    let src = work.join("linux-source-6.1");
+    // The tarball unpacks into a directory named like the package.
+    let src = work.join(KERNEL_SOURCE_PACKAGE);
     let fragment = work.join("microvm.config");
     fs::write(&fragment, KERNEL_CONFIG)?;
     let make = |args: &[&str]| {
@@ -329,6 +327,13 @@ fn config_not_applied(fragment: &str, config: &str) -> Vec<String> {
         .collect()
 }
 
+/// The `kernel.json` of the kernel in `dir`, if there is a readable one. A built
+/// kernel's has a `build` entry; Debian's packaged one has none.
+fn kernel_manifest(dir: &Path) -> Option<serde_json::Value> {
+    let text = fs::read(dir.join("kernel.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
 /// An empty `<data>/kernel.tmp` with `out/modules/` in it, where the kernel directory
 /// is put together before it replaces `<data>/kernel`.
 fn fresh_kernel_work_dir(data_dir: &DataDir) -> Result<PathBuf> {
@@ -355,11 +360,7 @@ fn install_kernel_dir(out: &Path, dir: &Path) -> Result<()> {
 /// so an interrupted run leaves nothing half-written.
 fn debian_guest_kernel(data_dir: &DataDir) -> Result<()> {
     let dir = data_dir.kernel_dir();
-    let manifest = dir.join("kernel.json");
-    let is_debian = fs::read(&manifest)
-        .ok()
-        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
-        .is_some_and(|m| m.get("build").is_none());
+    let is_debian = kernel_manifest(&dir).is_some_and(|m| m.get("build").is_none());
     if is_debian && dir.join("vmlinux").exists() && dir.join("vmlinuz").exists() {
         println!("    guest kernel: Debian's, present in {}", dir.display());
         return Ok(());
