@@ -365,27 +365,28 @@ fn floor_cpio(kernel_dir: &Path, init: &Path, modules: Option<&[&str]>) -> Resul
     cpio.char_device("dev/console", 0o600, 5, 1);
     cpio.file("init", 0o755, &std::fs::read(init)?);
     if let Some(modules) = modules {
-        let modules: Vec<&str> = modules
-            .iter()
-            .copied()
-            .filter(|m| kernel_dir.join("modules").join(format!("{m}.ko")).exists())
-            .collect();
         cpio.dir("bin", 0o755);
         cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?);
         cpio.dir("www", 0o755);
         cpio.file("www/index.html", 0o644, b"hello from the floor\n");
         cpio.dir("lib", 0o755);
         cpio.dir("lib/modules", 0o755);
-        for m in &modules {
+        let mut listed = Vec::new();
+        for m in modules {
             let path = kernel_dir.join("modules").join(format!("{m}.ko"));
-            let data = std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+            let data = match std::fs::read(&path) {
+                Ok(data) => data,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+            };
             cpio.file(
                 &format!("lib/modules/{m}.ko"),
                 0o644,
                 strip_signature(&data),
             );
+            listed.push(*m);
         }
-        cpio.file("modules", 0o644, modules.join("\n").as_bytes());
+        cpio.file("modules", 0o644, listed.join("\n").as_bytes());
     }
     Ok(cpio.finish())
 }
