@@ -1174,7 +1174,7 @@ impl Agent {
                 // stays a resume while its saved state is there).
                 let _ = self.inner.db.end_op(&id);
                 let mut m = m;
-                let saved = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
+                let saved = dir.join(aloft_vmm::VmFiles::STATE);
                 m.state = if saved.exists() {
                     MachineState::Suspended
                 } else {
@@ -1199,8 +1199,7 @@ impl Agent {
                     let _ = vm.resume().await;
                 }
                 let _ = std::fs::remove_file(
-                    self.machine_dir(&id)
-                        .join(aloft_vmm::VmFiles::STATE)
+                    dir.join(aloft_vmm::VmFiles::STATE)
                         .with_extension("partial"),
                 );
                 let ch = GuestChannel::connect(vm.ctl_socket(), Duration::from_secs(5))
@@ -1299,7 +1298,7 @@ impl Agent {
                         self.spawn_boot(&app, &id, "finishing an interrupted restart");
                     }
                     MachineState::Suspending => {
-                        let state = self.machine_dir(&id).join(aloft_vmm::VmFiles::STATE);
+                        let state = dir.join(aloft_vmm::VmFiles::STATE);
                         let mut m = m;
                         m.state = if state.exists() {
                             MachineState::Suspended
