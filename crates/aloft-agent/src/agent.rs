@@ -2168,33 +2168,102 @@ impl AgentApi for Agent {
 const CONSOLE_START: Duration = Duration::from_secs(15);
 /// How long a console command may outlive its client after the hang-up.
 const CONSOLE_HANGUP_GRACE: Duration = Duration::from_secs(10);
-/// Output frames a console may queue for a client that reads slower than the command
-/// writes (a guest frame holds at most ~272 KiB, so a few MiB at worst). The guest
-/// protocol has no flow control, so a client that falls this far behind is told so
-/// and the command is hung up, rather than the host buffering without end.
+/// Output items a console's client queue holds (each at most
+/// [`CONSOLE_ITEM_BYTES`]).
 pub(crate) const CONSOLE_OUTPUT_FRAMES: usize = 16;
+/// Largest output item: consecutive output of one stream is merged up to this size.
+const CONSOLE_ITEM_BYTES: usize = 256 * 1024;
+/// Output bytes a console may hold back for a client that reads slower than the
+/// command writes, beyond its full queue. The guest protocol has no flow control, so a
+/// client that falls this far behind is told so and the command is hung up, rather
+/// than the host buffering without end. Counted in bytes, not frames: a shell on a
+/// pty writes a frame per keystroke, and a client a few milliseconds behind must not
+/// be hung up for that.
+const CONSOLE_BACKLOG_BYTES: usize = 4 * 1024 * 1024;
 
-/// Queues `item` for the console's client; `false` (after queuing a note saying why)
-/// when the client has fallen [`CONSOLE_OUTPUT_FRAMES`] behind. A client that is gone
-/// (receiver dropped) is not an overrun: its hang-up arrives through the input side.
+/// Console output waiting for room in the client's queue, consecutive output of one
+/// stream merged into items of at most [`CONSOLE_ITEM_BYTES`].
+#[derive(Default)]
+struct ConsoleBacklog {
+    items: std::collections::VecDeque<crate::api::ConsoleOutput>,
+    bytes: usize,
+}
+
+impl ConsoleBacklog {
+    fn data_len(item: &crate::api::ConsoleOutput) -> usize {
+        use crate::api::ConsoleOutput;
+        match item {
+            ConsoleOutput::Stdout(d) | ConsoleOutput::Stderr(d) => d.len(),
+            ConsoleOutput::Exit { .. } => 0,
+        }
+    }
+
+    fn push(&mut self, item: crate::api::ConsoleOutput) {
+        use crate::api::ConsoleOutput;
+        let len = Self::data_len(&item);
+        self.bytes += len;
+        let merged = match (self.items.back_mut(), &item) {
+            (Some(ConsoleOutput::Stdout(b)), ConsoleOutput::Stdout(d))
+            | (Some(ConsoleOutput::Stderr(b)), ConsoleOutput::Stderr(d))
+                if b.len() + d.len() <= CONSOLE_ITEM_BYTES =>
+            {
+                b.extend_from_slice(d);
+                true
+            }
+            _ => false,
+        };
+        if !merged {
+            self.items.push_back(item);
+        }
+    }
+
+    fn pop(&mut self) -> Option<crate::api::ConsoleOutput> {
+        let item = self.items.pop_front()?;
+        self.bytes -= Self::data_len(&item);
+        Some(item)
+    }
+
+    /// Moves into `out_tx` what it has room for.
+    fn flush(&mut self, out_tx: &tokio::sync::mpsc::Sender<crate::api::ConsoleOutput>) {
+        while !self.items.is_empty() {
+            let Ok(permit) = out_tx.try_reserve() else {
+                return;
+            };
+            if let Some(item) = self.pop() {
+                permit.send(item);
+            }
+        }
+    }
+}
+
+/// Queues `item` for the console's client; `false` when the client has fallen
+/// [`CONSOLE_BACKLOG_BYTES`] behind: what was held back is dropped and a note saying
+/// why takes its place. A client that is gone (receiver dropped) is not an overrun:
+/// its hang-up arrives through the input side.
 fn console_forward(
     out_tx: &tokio::sync::mpsc::Sender<crate::api::ConsoleOutput>,
+    backlog: &mut ConsoleBacklog,
     id: &str,
     item: crate::api::ConsoleOutput,
 ) -> bool {
     if out_tx.is_closed() {
+        *backlog = ConsoleBacklog::default();
         return true;
     }
-    if out_tx.capacity() <= 1 {
-        let note = format!(
-            "\r\naloft: console on machine {id}: the client fell {CONSOLE_OUTPUT_FRAMES} output \
-             frames behind the command; hanging it up\r\n"
-        );
-        let _ = out_tx.try_send(crate::api::ConsoleOutput::Stderr(note.into_bytes()));
-        return false;
+    backlog.push(item);
+    backlog.flush(out_tx);
+    if backlog.bytes <= CONSOLE_BACKLOG_BYTES {
+        return true;
     }
-    let _ = out_tx.try_send(item);
-    true
+    let note = format!(
+        "\r\naloft: console on machine {id}: the client fell more than {} MiB of output \
+         behind the command; hanging it up\r\n",
+        CONSOLE_BACKLOG_BYTES >> 20
+    );
+    *backlog = ConsoleBacklog::default();
+    backlog.push(crate::api::ConsoleOutput::Stderr(note.into_bytes()));
+    backlog.flush(out_tx);
+    false
 }
 
 /// Starts `req` in the guest behind `ch` and pumps it in a task: the client's input to
@@ -2221,6 +2290,7 @@ async fn start_console(
         })
         .map_err(internal)?;
     let (out_tx, out_rx) = tokio::sync::mpsc::channel(CONSOLE_OUTPUT_FRAMES);
+    let mut backlog = ConsoleBacklog::default();
     let output = |stream: Stream, data: Vec<u8>| match stream {
         Stream::Stdout => ConsoleOutput::Stdout(data),
         Stream::Stderr => ConsoleOutput::Stderr(data),
@@ -2230,8 +2300,8 @@ async fn start_console(
             match s.next_event().await {
                 Some(ExecEvent::Started { pid }) => return Ok(Some(pid)),
                 Some(ExecEvent::Output { stream, data }) => {
-                    // Before `Started` nobody reads yet; the queue bounds it.
-                    console_forward(&out_tx, id, output(stream, data));
+                    // Before `Started` nobody reads yet; the backlog bounds it.
+                    console_forward(&out_tx, &mut backlog, id, output(stream, data));
                 }
                 Some(ExecEvent::Exit {
                     error: Some(message),
@@ -2243,7 +2313,8 @@ async fn start_console(
                     });
                 }
                 Some(ExecEvent::Exit { code, signal, .. }) => {
-                    let _ = out_tx.try_send(ConsoleOutput::Exit { code, signal });
+                    backlog.push(ConsoleOutput::Exit { code, signal });
+                    backlog.flush(&out_tx);
                     return Ok(None);
                 }
                 None => {
@@ -2279,10 +2350,19 @@ async fn start_console(
                     }
                 };
                 tokio::select! {
+                    permit = out_tx.reserve(), if !backlog.items.is_empty() => match permit {
+                        Ok(permit) => {
+                            if let Some(item) = backlog.pop() {
+                                permit.send(item);
+                            }
+                        }
+                        // The client is gone: its hang-up comes through the input side.
+                        Err(_) => backlog = ConsoleBacklog::default(),
+                    },
                     ev = s.next_event() => match ev {
                         Some(ExecEvent::Started { .. }) => {}
                         Some(ExecEvent::Output { stream, data }) => {
-                            if !overrun && !console_forward(&out_tx, &machine, output(stream, data)) {
+                            if !overrun && !console_forward(&out_tx, &mut backlog, &machine, output(stream, data)) {
                                 // As if the client had left: it sees the note, then
                                 // the close (no more output); the command is hung up.
                                 overrun = true;
@@ -2300,7 +2380,7 @@ async fn start_console(
                                 break;
                             }
                             if let Some(e) = error {
-                                console_forward(&out_tx, &machine, ConsoleOutput::Stderr(format!("{e}\n").into_bytes()));
+                                console_forward(&out_tx, &mut backlog, &machine, ConsoleOutput::Stderr(format!("{e}\n").into_bytes()));
                             }
                             exit = Some(ConsoleOutput::Exit { code, signal });
                             break;
@@ -2336,8 +2416,16 @@ async fn start_console(
             // The command is over, so waiting for room cannot grow anything; a client
             // that reads nothing at all is not waited for past the grace.
             if let Some(exit) = exit {
-                let _ = tokio::time::timeout(CONSOLE_HANGUP_GRACE, out_tx.send(exit)).await;
+                backlog.push(exit);
             }
+            let _ = tokio::time::timeout(CONSOLE_HANGUP_GRACE, async {
+                while let Some(item) = backlog.pop() {
+                    if out_tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
         });
     }
     Ok(ConsoleSession {
@@ -2681,24 +2769,42 @@ mod console_tests {
     use super::*;
     use crate::api::ConsoleOutput;
 
-    /// A client that reads nothing gets at most the queue, the last slot being the
-    /// note that says why the session ends; one that is gone is no overrun.
+    /// A client that reads nothing gets its queue, then up to the byte bound held
+    /// back, then a note that says why the session ends; many small frames (a shell
+    /// echoing keystrokes) are merged and never end it; one that is gone is no overrun.
     #[tokio::test]
-    async fn console_output_queue_is_bounded() {
+    async fn console_output_is_bounded_in_bytes() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(CONSOLE_OUTPUT_FRAMES);
-        let frame = || ConsoleOutput::Stdout(vec![b'x'; 1024]);
+        let mut backlog = ConsoleBacklog::default();
+        // 10 000 one-byte frames: merged, never an overrun.
+        for _ in 0..10_000 {
+            assert!(console_forward(
+                &tx,
+                &mut backlog,
+                "m1",
+                ConsoleOutput::Stdout(b"x".to_vec())
+            ));
+        }
+        let queued: usize = std::iter::from_fn(|| rx.try_recv().ok())
+            .chain(std::iter::from_fn(|| backlog.pop()))
+            .map(|item| ConsoleBacklog::data_len(&item))
+            .sum();
+        assert_eq!(queued, 10_000, "nothing lost");
+        // Big frames nobody reads: refused once the queue and the backlog are full.
+        let frame = || ConsoleOutput::Stdout(vec![b'x'; 64 * 1024]);
         let mut accepted = 0;
-        while console_forward(&tx, "m1", frame()) {
+        while console_forward(&tx, &mut backlog, "m1", frame()) {
             accepted += 1;
-            assert!(accepted < 10 * CONSOLE_OUTPUT_FRAMES, "never refused");
+            assert!(accepted < 1000, "never refused");
         }
-        assert_eq!(accepted, CONSOLE_OUTPUT_FRAMES - 1);
-        assert!(!console_forward(&tx, "m1", frame()));
-        let mut items = Vec::new();
-        while let Ok(item) = rx.try_recv() {
-            items.push(item);
-        }
-        assert_eq!(items.len(), CONSOLE_OUTPUT_FRAMES);
+        let held = accepted * 64 * 1024;
+        assert!(held > CONSOLE_BACKLOG_BYTES, "{held}");
+        assert!(
+            held <= CONSOLE_BACKLOG_BYTES + CONSOLE_OUTPUT_FRAMES * CONSOLE_ITEM_BYTES + 64 * 1024,
+            "{held}"
+        );
+        let mut items: Vec<ConsoleOutput> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        items.extend(std::iter::from_fn(|| backlog.pop()));
         match items.last() {
             Some(ConsoleOutput::Stderr(note)) => {
                 let note = String::from_utf8_lossy(note);
@@ -2710,6 +2816,6 @@ mod console_tests {
             other => panic!("last item {other:?}"),
         }
         drop(rx);
-        assert!(console_forward(&tx, "m1", frame()));
+        assert!(console_forward(&tx, &mut backlog, "m1", frame()));
     }
 }
