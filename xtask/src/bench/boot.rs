@@ -21,8 +21,8 @@
 //! part: for trying a change quickly (the recorded figures use the full run). In quick
 //! mode `ALOFT_BENCH_BOOT_TB=32,64` boots one machine per listed tb-size in each round,
 //! and `ALOFT_BENCH_BOOT_INIT_B=<path>` adds a tb-size 32 machine booting another
-//! aloft-init build (a paired A/B of two guest inits in the same rounds, booting in
-//! alternating order, without the suspend/resume case).
+//! aloft-init build. Both are paired comparisons: the machines of a round boot in
+//! alternating order, without the suspend/resume case.
 //! `ALOFT_BENCH_BOOT_CONSOLE=1` prints each machine's console (with aloft-init's
 //! timeline and late-module line) and QEMU's translation-cache figures (`info jit`).
 //!
@@ -68,6 +68,12 @@ fn init_b() -> Option<PathBuf> {
 
 fn quick() -> bool {
     std::env::var("ALOFT_BENCH_BOOT_QUICK").is_ok_and(|v| v == "1")
+}
+
+/// Whether each round boots two or more machines to compare (another init, or several
+/// tb-sizes): they alternate order and skip suspend/resume.
+fn paired() -> bool {
+    tb_variants().len() > 1 && quick()
 }
 
 /// The tb-size variants this run boots.
@@ -394,7 +400,7 @@ fn floor_cpio(kernel_dir: &Path, init: &Path, modules: Option<&[&str]>) -> Resul
 // ---------------------------------------------------------------------------------
 // Floor runs.
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FloorKind {
     Marker,
     Http,
@@ -483,6 +489,13 @@ async fn floor_boot_with(
     if kind == FloorKind::HttpFreePageReporting {
         cmd.args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
     }
+    // In console mode the floor's translation cache is shown too, through QMP.
+    let console = std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok();
+    let qmp_path = env.work.path().join(format!("floor-qmp-{port}.sock"));
+    if console {
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_path.display()));
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -534,6 +547,15 @@ async fn floor_boot_with(
             bail!("floor: no marker on the serial line within {LIMIT:?}");
         }
     };
+    let qmp = match console {
+        true => aloft_vmm::qmp::Qmp::connect(&qmp_path, Duration::from_secs(5))
+            .await
+            .ok(),
+        false => None,
+    };
+    if let Some(qmp) = &qmp {
+        print_jit_of(qmp, &format!("floor {kind:?} marker")).await;
+    }
     let mut http_cpu_ms = None;
     let http_ms = match http {
         Some(h) => match h.await.ok().flatten() {
@@ -548,6 +570,11 @@ async fn floor_boot_with(
         },
         None => None,
     };
+    if let Some(qmp) = &qmp
+        && http_ms.is_some()
+    {
+        print_jit_of(qmp, &format!("floor {kind:?} first 200")).await;
+    }
     let marker_uptime_ms = *uptime_rx.borrow();
     Ok(FloorRun {
         marker_ms,
@@ -700,6 +727,9 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         }
     };
     let handshake_ms = ms(t0);
+    if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+        print_jit(&vm, "handshake").await;
+    }
     // The first time each report shows up in the channel state.
     let mut st = chan.state();
     let (mut init, mut app, mut ready) = (None, None, None);
@@ -730,7 +760,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
             }
         }
         if jit_now {
-            print_jit(&vm).await;
+            print_jit(&vm, "init started").await;
         }
         if ready.is_some() && init.is_some() && app.is_some() {
             break;
@@ -749,7 +779,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         bail!("no HTTP 200 through the forward within {LIMIT:?}");
     };
     if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
-        print_jit(&vm).await;
+        print_jit(&vm, "first 200").await;
         // The late modules load after readiness: wait (bounded) for their line.
         let until = Instant::now() + Duration::from_secs(3);
         while Instant::now() < until
@@ -763,7 +793,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
             "{}",
             std::fs::read_to_string(vm.console_log()).unwrap_or_default()
         );
-        print_jit(&vm).await;
+        print_jit(&vm, "late modules").await;
     }
     let console = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
     let line_after = |prefix: &str| {
@@ -791,9 +821,13 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
 }
 
 /// QEMU's translation cache figures (`info jit`): code size and flushes so far.
-async fn print_jit(vm: &QemuVm) {
-    let Ok(jit) = vm
-        .qmp
+async fn print_jit(vm: &QemuVm, at: &str) {
+    print_jit_of(&vm.qmp, at).await;
+}
+
+/// As [`print_jit`] for any QMP session; `at` names the moment.
+async fn print_jit_of(qmp: &aloft_vmm::qmp::Qmp, at: &str) {
+    let Ok(jit) = qmp
         .execute(
             "human-monitor-command",
             Some(json!({"command-line": "info jit"})),
@@ -809,7 +843,7 @@ async fn print_jit(vm: &QemuVm) {
         .map(str::trim)
         .filter(|l| keep.iter().any(|k| l.starts_with(k)))
         .collect();
-    println!("    jit: {}", lines.join(" | "));
+    println!("    jit at {at}: {}", lines.join(" | "));
 }
 
 pub struct ResumeRun {
@@ -1116,9 +1150,9 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             line.push_str(&format!(" (httpd floor's /init at guest {up} ms)"));
         }
         let mut variants = tb_variants();
-        // A paired A/B alternates which init boots first: the second machine of a round
-        // boots while the first one's QEMU is still going away.
-        if init_b().is_some() && round % 2 == 0 {
+        // A paired A/B (two inits, or several tb-sizes) alternates which machine boots
+        // first: the machine booting second in a round is often the slower one.
+        if paired() && round % 2 == 0 {
             variants.reverse();
         }
         for (tb, label) in variants {
@@ -1150,7 +1184,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 }
             }
             // Not in a paired A/B: writing the suspend file would slow the next boot.
-            if label == "tb32" && init_b().is_none() {
+            if label == "tb32" && !paired() {
                 let res = aloft_suspend_resume(&m, r).await?;
                 t.push("aloft.tb32.suspend", res.suspend_ms);
                 t.push("aloft.tb32.resume_running", res.running_ms);
@@ -1214,7 +1248,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             None,
         );
     }
-    if init_b().is_none() {
+    if !paired() {
         report(&t, "aloft.tb32.suspend", None, None);
         report(&t, "aloft.tb32.resume_running", None, None);
         report(
