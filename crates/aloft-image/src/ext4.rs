@@ -33,16 +33,25 @@ pub fn image_size(content_bytes: u64, inodes: u64) -> u64 {
 /// Directories the guest mounts file systems on at every boot, made empty in the
 /// image when it lacks them: created at boot instead, each would be the first write
 /// to the disk, paying for the journal and the block allocator before the app starts.
+/// `.fly` holds the per-boot tmpfs (the metadata API socket and the generated files
+/// below).
 const MOUNT_POINTS: &[(&str, u32)] = &[
     ("dev", 0o755),
     ("proc", 0o555),
     ("sys", 0o555),
     ("run", 0o755),
     ("tmp", 0o1777),
+    (".fly", 0o755),
+    ("etc", 0o755),
 ];
 
-/// Adds the missing [`MOUNT_POINTS`] to `staging` (an existing entry of that name,
-/// even a symlink or a file, is left as the image has it).
+/// Files the guest generates at every boot and bind-mounts over these paths from its
+/// tmpfs, made empty in the image when it lacks them (for the same reason).
+const GENERATED_FILES: &[&str] = &["etc/hostname", "etc/hosts", "etc/resolv.conf"];
+
+/// Adds the missing [`MOUNT_POINTS`] and [`GENERATED_FILES`] to `staging` (an
+/// existing entry of that name, even a symlink or a file, is left as the image has
+/// it; nothing is made inside an `etc` that is not a directory).
 fn add_mount_points(staging: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for (name, mode) in MOUNT_POINTS {
@@ -52,6 +61,17 @@ fn add_mount_points(staging: &Path) -> io::Result<()> {
         }
         fs::create_dir(&path)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(*mode))?;
+    }
+    if !fs::symlink_metadata(staging.join("etc")).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    for name in GENERATED_FILES {
+        let path = staging.join(name);
+        if fs::symlink_metadata(&path).is_ok() {
+            continue;
+        }
+        fs::write(&path, b"")?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
     }
     Ok(())
 }
@@ -138,5 +158,44 @@ mod tests {
             std::fs::read(staging.path().join("run")).expect("run"),
             b"a file"
         );
+        let fly = std::fs::symlink_metadata(staging.path().join(".fly")).expect(".fly");
+        assert!(fly.is_dir());
+        for name in ["hostname", "hosts", "resolv.conf"] {
+            let path = staging.path().join("etc").join(name);
+            let meta = std::fs::symlink_metadata(&path).expect(name);
+            assert!(meta.is_file() && meta.len() == 0, "{name}");
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o644, "{name}");
+        }
+    }
+
+    #[test]
+    fn generated_files_keep_the_images_own_and_never_leave_a_symlinked_etc() {
+        let staging = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(outside.path(), staging.path().join("etc")).expect("symlink");
+        super::add_mount_points(staging.path()).expect("mount points");
+        assert_eq!(
+            std::fs::read_dir(outside.path()).expect("outside").count(),
+            0,
+            "nothing is written through a symlinked /etc"
+        );
+
+        let staging = tempfile::tempdir().expect("tempdir");
+        let etc = staging.path().join("etc");
+        std::fs::create_dir(&etc).expect("etc");
+        std::fs::write(etc.join("hosts"), b"127.0.0.1 image\n").expect("hosts");
+        std::os::unix::fs::symlink("/run/resolv.conf", etc.join("resolv.conf")).expect("link");
+        super::add_mount_points(staging.path()).expect("mount points");
+        assert_eq!(
+            std::fs::read(etc.join("hosts")).expect("hosts"),
+            b"127.0.0.1 image\n"
+        );
+        assert!(
+            std::fs::symlink_metadata(etc.join("resolv.conf"))
+                .expect("resolv.conf")
+                .file_type()
+                .is_symlink()
+        );
+        assert!(etc.join("hostname").is_file());
     }
 }

@@ -200,7 +200,7 @@ fn mount_root(dev: &str) -> Result<u64, BootError> {
         dev,
         Path::new("/newroot"),
         Some("ext4"),
-        0,
+        ROOT_MOUNT_FLAGS,
         Some(ROOT_MOUNT_OPTIONS),
     )
     .map_err(|e| err(format_args!("mounting the root disk {dev} (ext4)"), e))?;
@@ -244,6 +244,10 @@ pub fn prefetch_program(cfg: &RunConfig) {
 
 /// ext4 options of the root disk.
 const ROOT_MOUNT_OPTIONS: &str = "noinit_itable";
+
+/// Mount flags of the root disk: no access times, so reading the app's files does
+/// not write their inodes (each a journal transaction under TCG).
+const ROOT_MOUNT_FLAGS: libc::c_ulong = libc::MS_NOATIME;
 
 /// Waits (bounded) for a device node or interface to show up.
 fn wait_for<T>(
@@ -298,7 +302,13 @@ pub fn switch_root() -> Result<(), BootError> {
     std::env::set_current_dir("/").map_err(|e| err("chdir /", e))
 }
 
-/// /dev/pts, /dev/shm, /run, /tmp and the /dev/fd links, inside the new root.
+/// The per-boot tmpfs: the metadata API socket and the files [`names`] generates,
+/// so that a boot writes nothing to the root disk (its first write costs the journal
+/// and the block allocator before the app starts).
+pub const BOOT_TMPFS: &str = "/.fly";
+
+/// /dev/pts, /dev/shm, /run, /tmp, [`BOOT_TMPFS`] and the /dev/fd links, inside the
+/// new root.
 pub fn late_mounts() -> Result<(), BootError> {
     let flags = libc::MS_NOSUID | libc::MS_NOEXEC;
     mount_fs(
@@ -328,6 +338,13 @@ pub fn late_mounts() -> Result<(), BootError> {
         "tmpfs",
         libc::MS_NOSUID | libc::MS_NODEV,
         Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        BOOT_TMPFS,
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=0755,size=1m"),
     )?;
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
@@ -479,20 +496,34 @@ pub fn resolv_conf(cfg: &RunConfig) -> Option<String> {
     Some(s)
 }
 
-fn replace_file(path: &str, text: &str) -> Result<(), BootError> {
-    // An image's /etc/resolv.conf is often a symlink into /run (gone now).
-    let _ = fs::remove_file(path);
-    fs::write(path, text).map_err(|e| err(format_args!("writing {path}"), e))
+/// Puts `text` at `/etc/<name>`: written to [`BOOT_TMPFS`] and bind-mounted over the
+/// image's regular file (as Docker does), so the root disk is not written. Where the
+/// image has no such file, or a symlink (an image's /etc/resolv.conf often points
+/// into /run, gone now), the file is replaced on the root disk instead.
+fn place_etc_file(name: &str, text: &str) -> Result<(), BootError> {
+    let target = format!("/etc/{name}");
+    if fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+        let source = format!("{BOOT_TMPFS}/etc/{name}");
+        let placed = fs::create_dir_all(format!("{BOOT_TMPFS}/etc"))
+            .and_then(|()| fs::write(&source, text))
+            .and_then(|()| sys::mount(&source, Path::new(&target), None, libc::MS_BIND, None));
+        match placed {
+            Ok(()) => return Ok(()),
+            Err(e) => eprintln!("aloft-init: bind-mounting {source} on {target}: {e}"),
+        }
+    }
+    let _ = fs::remove_file(&target);
+    fs::write(&target, text).map_err(|e| err(format_args!("writing {target}"), e))
 }
 
 pub fn names(cfg: &RunConfig) -> Result<(), BootError> {
     let name = cfg.hostname();
     sys::sethostname(name).map_err(|e| err(format_args!("sethostname {name:?}"), e))?;
     fs::create_dir_all("/etc").map_err(|e| err("creating /etc", e))?;
-    replace_file("/etc/hostname", &format!("{name}\n"))?;
-    replace_file("/etc/hosts", &hosts_file(cfg))?;
+    place_etc_file("hostname", &format!("{name}\n"))?;
+    place_etc_file("hosts", &hosts_file(cfg))?;
     if let Some(text) = resolv_conf(cfg) {
-        replace_file("/etc/resolv.conf", &text)?;
+        place_etc_file("resolv.conf", &text)?;
     }
     Ok(())
 }

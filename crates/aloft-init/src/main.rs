@@ -307,10 +307,11 @@ impl Init {
         env.entry("HOME".into())
             .or_insert_with(|| creds.home.clone());
         let metadata = cfg.config.metadata.clone();
-        let api = match api::Api::bind(Path::new("/.fly/api")) {
+        let api_path = Path::new(boot::BOOT_TMPFS).join("api");
+        let api = match api::Api::bind(&api_path) {
             Ok(a) => Some(a),
             Err(e) => {
-                eprintln!("aloft-init: metadata API on /.fly/api: {e}");
+                eprintln!("aloft-init: metadata API on {}: {e}", api_path.display());
                 None
             }
         };

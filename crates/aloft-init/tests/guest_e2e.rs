@@ -93,7 +93,7 @@ fn busybox_root(work: &Path) -> PathBuf {
     std::fs::copy(busybox, tree.join("bin/busybox")).unwrap();
     for applet in [
         "sh", "cat", "echo", "id", "pwd", "httpd", "sleep", "stty", "test", "hostname", "ls",
-        "true", "[", "wc", "ip",
+        "true", "[", "wc", "ip", "cut",
     ] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -103,6 +103,15 @@ fn busybox_root(work: &Path) -> PathBuf {
     )
     .unwrap();
     std::fs::write(tree.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    // The image's own /etc/hosts is covered by the generated one (a bind mount); its
+    // resolv.conf is a symlink into /run, as in many images, and is replaced; it has
+    // no /etc/hostname, which is written.
+    std::fs::write(tree.join("etc/hosts"), "127.0.0.1 image-hosts\n").unwrap();
+    std::os::unix::fs::symlink(
+        "../run/systemd/resolve/stub-resolv.conf",
+        tree.join("etc/resolv.conf"),
+    )
+    .unwrap();
     let src = work.join("apireq.c");
     std::fs::write(&src, API_CLIENT_C).unwrap();
     run(Command::new("musl-gcc")
@@ -370,6 +379,31 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
         .await
         .unwrap();
     assert_eq!((r.code, r.stdout.as_slice()), (Some(0), &b"e2e-app\n"[..]));
+    // A generated file covering the image's own is bind-mounted from the boot's tmpfs
+    // (the boot writes nothing to the root disk for it).
+    let r = g
+        .chan
+        .exec(
+            &exec(&[
+                "sh",
+                "-c",
+                "cut -d ' ' -f 5 /proc/self/mountinfo; cat /etc/hosts",
+            ]),
+            STEP,
+        )
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    for want in ["/.fly", "/etc/hosts"] {
+        assert!(
+            out.lines().any(|l| l == want),
+            "{want} is not a mount point:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("e2e-app") && !out.contains("image-hosts"),
+        "{out}"
+    );
     let mut req = exec(&["sh", "-c", "cat; echo oops >&2; exit 3"]);
     req.stdin = b"abc".to_vec();
     let r = g.chan.exec(&req, STEP).await.unwrap();
