@@ -47,7 +47,7 @@ async fn agent(dir: &Path, host: &str, region: &str, store: Arc<dyn Store>) -> A
         accel: aloft_vmm::Accel::Auto,
         forward_addr: "127.0.0.1".into(),
         pull: Default::default(),
-        tcg_tb_size_mb: Some(32),
+        tcg_tb_size_mb: Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB),
     };
     Agent::open(cfg, store, Arc::new(aloft_vmm::QemuVmm))
         .await

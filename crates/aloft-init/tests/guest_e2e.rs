@@ -196,7 +196,7 @@ async fn boot_raw(
         network,
         run_json,
         accel: Accel::Auto,
-        tcg_tb_size_mb: Some(32),
+        tcg_tb_size_mb: Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB),
     };
     QemuVmm.prepare(&spec).await.unwrap();
     let vm = QemuVmm.start(&spec, None).await.unwrap();

@@ -23,6 +23,6 @@ pub fn agent_config(data: &Path) -> Result<AgentConfig, GuestFilesError> {
         accel: Accel::Auto,
         forward_addr: "127.0.0.1".into(),
         pull: Default::default(),
-        tcg_tb_size_mb: Some(32),
+        tcg_tb_size_mb: Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB),
     })
 }

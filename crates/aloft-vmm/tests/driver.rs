@@ -71,7 +71,7 @@ fn spec(work: &Path, init: &Path, name: &str) -> VmSpec {
         network: VmNetwork::None,
         run_json: b"{}".to_vec(),
         accel: Accel::Auto,
-        tcg_tb_size_mb: Some(32),
+        tcg_tb_size_mb: Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB),
     }
 }
 

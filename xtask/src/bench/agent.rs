@@ -31,7 +31,7 @@ use crate::util::step;
 const APP: &str = "bench";
 const MEMORY_MB: i64 = 128;
 /// The TCG translation cache of the agent's machines (and of the floor held to them).
-const TB_SIZE_MB: Option<u32> = Some(32);
+const TB_SIZE_MB: Option<u32> = Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB);
 const SERIAL: usize = 10;
 const ROUNDS: usize = 5;
 const SETTLE: Duration = Duration::from_secs(5);

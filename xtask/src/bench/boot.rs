@@ -11,16 +11,17 @@
 //!   reports on the channel, and to the first HTTP 200 through the forward.
 //! * Resume: suspend through the driver, then start with the state file, time to HTTP 200.
 //! * Memory: VmRSS and smaps_rollup of two idle machines per configuration, 5 s after
-//!   they answered HTTP: floor vs aloft, tb-size default/32/16, balloon, free page
-//!   reporting.
+//!   they answered HTTP: floor vs aloft at the product's tb-size
+//!   (`aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB`) and at 32/default/16, balloon, free
+//!   page reporting.
 //!
 //! `ALOFT_KERNEL_ARGS` (extra kernel options) reaches aloft's machines and the floor
 //! alike, and adds a floor run without them to each round.
 //! `ALOFT_BENCH_BOOT_ROUNDS=n` changes the number of rounds (default 5) and
-//! `ALOFT_BENCH_BOOT_QUICK=1` runs only the tb-size 32 machines and skips the memory
+//! `ALOFT_BENCH_BOOT_QUICK=1` runs only the product's tb-size and skips the memory
 //! part: for trying a change quickly (the recorded figures use the full run). In quick
 //! mode `ALOFT_BENCH_BOOT_TB=32,64` boots one machine per listed tb-size in each round,
-//! and `ALOFT_BENCH_BOOT_INIT_B=<path>` adds a tb-size 32 machine booting another
+//! and `ALOFT_BENCH_BOOT_INIT_B=<path>` adds a machine of the product's tb-size booting another
 //! aloft-init build. Both are paired comparisons: the machines of a round boot in
 //! alternating order, without the suspend/resume case.
 //! `ALOFT_BENCH_BOOT_CONSOLE=1` prints each machine's console (with aloft-init's
@@ -60,8 +61,8 @@ fn rounds() -> usize {
         .unwrap_or(ROUNDS)
 }
 
-/// `ALOFT_BENCH_BOOT_INIT_B=<path>` (quick mode): each round also boots a tb-size 32
-/// machine with this guest init, for a paired comparison of two builds.
+/// `ALOFT_BENCH_BOOT_INIT_B=<path>` (quick mode): each round also boots a machine of the
+/// product's tb-size with this guest init, for a paired comparison of two builds.
 fn init_b() -> Option<PathBuf> {
     std::env::var_os("ALOFT_BENCH_BOOT_INIT_B").map(PathBuf::from)
 }
@@ -90,14 +91,15 @@ fn tb_variants() -> Vec<(Option<u32>, &'static str)> {
             })
             .collect();
         if v.is_empty() {
-            v = TB_VARIANTS[..1].to_vec();
+            v = vec![main_variant()];
         }
         if init_b().is_some() {
-            v.push((Some(32), "tb32.init_b"));
+            let (tb, label) = main_variant();
+            v.push((tb, Box::leak(format!("{label}.init_b").into_boxed_str())));
         }
         v
     } else {
-        TB_VARIANTS.to_vec()
+        all_tb_variants()
     }
 }
 /// Any single boot, resume or HTTP wait gives up after this.
@@ -848,15 +850,53 @@ async fn print_jit_of(qmp: &aloft_vmm::qmp::Qmp, at: &str) {
 
 pub struct ResumeRun {
     pub suspend_ms: f64,
+    /// `start()` returned: QEMU daemonized with the state file, QMP attached.
+    pub start_ms: f64,
     pub running_ms: f64,
     pub http_ms: f64,
     pub vm: QemuVm,
+}
+
+/// Waits (at most `limit`) for aloft-init's last boot line, `cpu by task`, which it
+/// prints once the late modules are loaded.
+async fn wait_boot_work_done(vm: &QemuVm, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline
+        && !std::fs::read_to_string(vm.console_log())
+            .unwrap_or_default()
+            .contains("aloft-init: cpu by task")
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (at most `limit`) until QEMU `pid` uses under 10 % of a CPU over 100 ms:
+/// its guest is idle.
+async fn wait_guest_idle(pid: u32, limit: Duration) {
+    const WINDOW: Duration = Duration::from_millis(100);
+    let deadline = Instant::now() + limit;
+    let mut last = cpu_ms(pid);
+    while Instant::now() < deadline {
+        tokio::time::sleep(WINDOW).await;
+        let now = cpu_ms(pid);
+        if let (Some(a), Some(b)) = (last, now)
+            && b - a < WINDOW.as_secs_f64() * 1e3 / 10.0
+        {
+            return;
+        }
+        last = now;
+    }
 }
 
 /// Suspends a running machine to a file, then resumes it and times HTTP 200.
 pub async fn aloft_suspend_resume(m: &AloftMachine, run: AloftRun) -> Result<ResumeRun> {
     let state = m.spec.dir.join(aloft_vmm::VmFiles::STATE);
     drop(run.chan);
+    // Machines are suspended when idle (autostop): let the guest finish what its boot
+    // left running (late modules, the cpu-by-task line) first. A busy guest also
+    // resumes busy, and its QEMU answers QMP late.
+    wait_boot_work_done(&run.vm, Duration::from_secs(3)).await;
+    wait_guest_idle(run.vm.pid as u32, Duration::from_secs(3)).await;
     let t = Instant::now();
     if let Err(e) = run.vm.suspend(&state).await {
         run.vm.kill();
@@ -866,6 +906,7 @@ pub async fn aloft_suspend_resume(m: &AloftMachine, run: AloftRun) -> Result<Res
     let t0 = Instant::now();
     let http = tokio::spawn(first_http_200(m.port, t0, LIMIT));
     let vm = qemu::start(&m.spec, Some(&state)).await?;
+    let start_ms = ms(t0);
     if let Err(e) = vm.finish_resume().await {
         vm.kill();
         bail!("resume: {e}");
@@ -878,6 +919,7 @@ pub async fn aloft_suspend_resume(m: &AloftMachine, run: AloftRun) -> Result<Res
     let _ = std::fs::remove_file(&state);
     Ok(ResumeRun {
         suspend_ms,
+        start_ms,
         running_ms,
         http_ms,
         vm,
@@ -1107,8 +1149,24 @@ fn round2(v: f64) -> f64 {
 // ---------------------------------------------------------------------------------
 // The benchmark.
 
-const TB_VARIANTS: [(Option<u32>, &str); 3] =
-    [(Some(32), "tb32"), (None, "tbdefault"), (Some(16), "tb16")];
+/// The product's translation cache ([`qemu::DEFAULT_TCG_TB_SIZE_MB`]) and its label:
+/// the machine that has the suspend/resume case and the goals.
+fn main_variant() -> (Option<u32>, &'static str) {
+    let mb = qemu::DEFAULT_TCG_TB_SIZE_MB;
+    (Some(mb), Box::leak(format!("tb{mb}").into_boxed_str()))
+}
+
+/// The full run's tb-size variants: the product's first, then 32 (the product's until
+/// session 6), QEMU's default and 16.
+fn all_tb_variants() -> Vec<(Option<u32>, &'static str)> {
+    let mut v = vec![main_variant()];
+    for (tb, label) in [(Some(32), "tb32"), (None, "tbdefault"), (Some(16), "tb16")] {
+        if tb != main_variant().0 {
+            v.push((tb, label));
+        }
+    }
+    v
+}
 
 async fn bench(env: &BenchEnv) -> Result<()> {
     step("building the busybox httpd root disk");
@@ -1116,14 +1174,20 @@ async fn bench(env: &BenchEnv) -> Result<()> {
 
     step("warm-up (not counted): one floor and one aloft boot");
     floor_boot(env, FloorKind::Http, None).await?.end().await;
-    let m = aloft_machine(env, &root, "warmup", Some(32)).await?;
+    let (main_tb, main) = main_variant();
+    let m = aloft_machine(env, &root, "warmup", main_tb).await?;
     let r = aloft_boot(&m).await?;
     end_vm(&r.vm).await;
     drop(r);
 
     let rounds = rounds();
     step(&format!(
-        "{rounds} interleaved rounds: floor marker, floor httpd, aloft tb-size 32 (+ suspend/resume), default, 16"
+        "{rounds} interleaved rounds: floor marker, floor httpd, aloft {} (+ suspend/resume){}",
+        main,
+        all_tb_variants()[1..]
+            .iter()
+            .map(|(_, l)| format!(", {l}"))
+            .collect::<String>()
     ));
     let mut t = Timings::default();
     for round in 1..=rounds {
@@ -1177,18 +1241,19 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 " | {label} init {:.0} ready {:.0} http {:.0}",
                 r.init_ms, r.ready_ms, r.http_ms
             ));
-            if label.starts_with("tb32") {
+            if label.starts_with(main) {
                 println!("    aloft-init phases (guest clock): {}", r.phases);
                 if !r.modules.is_empty() {
                     println!("    aloft-init modules: {}", r.modules);
                 }
             }
             // Not in a paired A/B: writing the suspend file would slow the next boot.
-            if label == "tb32" && !paired() {
+            if label == main && !paired() {
                 let res = aloft_suspend_resume(&m, r).await?;
-                t.push("aloft.tb32.suspend", res.suspend_ms);
-                t.push("aloft.tb32.resume_running", res.running_ms);
-                t.push("aloft.tb32.resume_port_accepting", res.http_ms);
+                t.push(&format!("aloft.{main}.suspend"), res.suspend_ms);
+                t.push(&format!("aloft.{main}.resume_start_returned"), res.start_ms);
+                t.push(&format!("aloft.{main}.resume_running"), res.running_ms);
+                t.push(&format!("aloft.{main}.resume_port_accepting"), res.http_ms);
                 line.push_str(&format!(" resume {:.0}", res.http_ms));
                 end_vm(&res.vm).await;
             } else {
@@ -1249,12 +1314,18 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         );
     }
     if !paired() {
-        report(&t, "aloft.tb32.suspend", None, None);
-        report(&t, "aloft.tb32.resume_running", None, None);
+        report(&t, &format!("aloft.{main}.suspend"), None, None);
         report(
             &t,
-            "aloft.tb32.resume_port_accepting",
-            Some("aloft.tb32.port_accepting"),
+            &format!("aloft.{main}.resume_start_returned"),
+            None,
+            None,
+        );
+        report(&t, &format!("aloft.{main}.resume_running"), None, None);
+        report(
+            &t,
+            &format!("aloft.{main}.resume_port_accepting"),
+            Some(&format!("aloft.{main}.port_accepting")),
             Some(0.3),
         );
     }
@@ -1288,7 +1359,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         a.end().await;
         b.end().await;
     }
-    for (tb, label) in TB_VARIANTS {
+    for (tb, label) in all_tb_variants() {
         let mut runs = Vec::new();
         for i in 0..2 {
             let m = aloft_machine(env, &root, &format!("mem-{label}-{i}"), tb).await?;
@@ -1300,7 +1371,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             .map(|(r, _)| memory_of(r.vm.pid as u32))
             .collect::<Result<Vec<_>>>()?;
         mem_lines.push((format!("aloft.{label}"), mems));
-        if tb == Some(32) {
+        if tb == main_tb {
             // Balloon both guests down to half their memory.
             for (r, _) in &runs {
                 balloon_to(&r.vm, MEMORY_MB / 2).await?;
@@ -1310,7 +1381,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
                 .iter()
                 .map(|(r, _)| memory_of(r.vm.pid as u32))
                 .collect::<Result<Vec<_>>>()?;
-            mem_lines.push(("aloft.tb32.balloon_128".to_string(), mems));
+            mem_lines.push((format!("aloft.{main}.balloon_128"), mems));
         }
         for (r, m) in runs {
             end_vm(&r.vm).await;
@@ -1346,7 +1417,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             "anon_mib": round1(m.anon),
             "vs_raw_qemu_mib": round1(m.rss - raw.rss),
         });
-        if name.starts_with("aloft.tb32") && !name.contains("balloon") {
+        if name.starts_with(&format!("aloft.{main}")) && !name.contains("balloon") {
             line["goal_vs_raw_qemu_mib"] = json!(10.0);
         }
         JSON_LINES.with(|l| l.borrow_mut().push(line.to_string()));

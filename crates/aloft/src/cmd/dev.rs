@@ -191,7 +191,7 @@ async fn serve(args: DevArgs, data_dir: &DataDir) -> anyhow::Result<ExitCode> {
                 insecure_registries: args.insecure_registries.clone(),
                 ..Default::default()
             },
-            tcg_tb_size_mb: Some(32),
+            tcg_tb_size_mb: Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB),
         };
         let tap = match args.network.as_str() {
             "user" => false,

@@ -319,7 +319,7 @@ async fn run_vm(args: RunArgs, data_dir: &DataDir) -> Result<u8> {
         },
         run_json: serde_json::to_vec(&run)?,
         accel,
-        tcg_tb_size_mb: Some(32),
+        tcg_tb_size_mb: Some(aloft_vmm::qemu::DEFAULT_TCG_TB_SIZE_MB),
     };
     // From here on an interrupt must not leave QEMU or the directory behind.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
