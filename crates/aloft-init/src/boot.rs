@@ -81,25 +81,27 @@ pub const MODULES_DIR: &str = "/lib/modules";
 /// for it.
 pub fn load_modules(skip: &[&str], root_device: Option<&str>) -> LoadedModules {
     let dir = Path::new(MODULES_DIR);
-    let mut late = Vec::new();
     let mut root_mount = None;
     let mut times = Vec::new();
+    let present: Vec<&'static str> = GUEST_MODULES
+        .iter()
+        .copied()
+        .filter(|n| !skip.contains(n) && dir.join(format!("{n}.ko")).exists())
+        .collect();
+    let (late, now): (Vec<&'static str>, Vec<&'static str>) =
+        present.into_iter().partition(|n| LATE_MODULES.contains(n));
     // A kernel with virtio_blk built in (the one `cargo xtask setup` builds) has the
-    // disk before /init runs: the mount starts at once.
+    // disk before /init runs: the mount starts at once, on a thread beside the module
+    // loads when there are any; with none (that kernel has no modules) it runs on the
+    // boot's path ([`wait_root`]), without a thread to start and join.
     if let Some(dev) = root_device
-        && !dir.join("virtio_blk.ko").exists()
+        && !now.contains(&"virtio_blk")
+        && !now.is_empty()
     {
         root_mount = spawn_root_mount(dev);
     }
-    for name in GUEST_MODULES.iter().filter(|n| !skip.contains(n)) {
+    for name in &now {
         let path = dir.join(format!("{name}.ko"));
-        if !path.exists() {
-            continue;
-        }
-        if LATE_MODULES.contains(name) {
-            late.push(*name);
-            continue;
-        }
         // Unsigned from memory first (signature checks are slow under TCG); a kernel
         // that enforces signatures gets the signed file.
         let started = sys::uptime_ms();
