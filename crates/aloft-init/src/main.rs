@@ -49,7 +49,18 @@ const FORWARDED_SIGNALS: &[i32] = &[
     libc::SIGUSR2,
     libc::SIGQUIT,
 ];
-const READY_CHECK_EVERY: Duration = Duration::from_millis(20);
+/// How often the app's ready ports are looked for in /proc/net/tcp*: often while a
+/// quick app is starting (the port is found on average half an interval late), less
+/// once it has taken a while.
+fn ready_check_every(since_app_start: Duration) -> Duration {
+    if since_app_start < Duration::from_secs(1) {
+        Duration::from_millis(5)
+    } else if since_app_start < Duration::from_secs(10) {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(100)
+    }
+}
 /// How long output is still collected after a process ended (grandchildren may hold
 /// the pipes open).
 const OUTPUT_GRACE: Duration = Duration::from_millis(300);
@@ -815,7 +826,8 @@ impl Init {
         {
             return;
         }
-        self.next_ready_check = now + READY_CHECK_EVERY;
+        self.next_ready_check =
+            now + ready_check_every(now.saturating_duration_since(self.app_started_at));
         let v4 = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
         let v6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
         if let Some(port) = procfs::first_ready(&self.cfg.ready_ports, &[&v4, &v6]) {
