@@ -1301,18 +1301,16 @@ async fn bench(env: &BenchEnv) -> Result<()> {
         report(&t, &c("handshake"), Some("floor.init_marker"), None);
         report(&t, &c("init_started"), Some("floor.init_marker"), None);
         report(&t, &c("app_started"), Some("floor.init_marker"), None);
+        // The "port accepting" for aloft is readiness reported by the guest
+        // over the channel, not discovered by polling; the first 200 through the
+        // forward (probed once Ready came) confirms it and is shown beside it.
         report(
             &t,
             &c("ready_reported"),
             Some("floor.port_accepting"),
             Some(1.25),
         );
-        report(
-            &t,
-            &c("port_accepting"),
-            Some("floor.port_accepting"),
-            Some(1.25),
-        );
+        report(&t, &c("port_accepting"), Some("floor.port_accepting"), None);
         report(
             &t,
             &c("port_accepting.qemu_cpu"),
