@@ -276,6 +276,12 @@ fn http_get(port: u16) -> String {
     out
 }
 
+/// Runs `script` with `sh -c` in the guest; its stdout.
+async fn sh_stdout(chan: &GuestChannel, script: &str) -> String {
+    let r = chan.exec(&exec(&["sh", "-c", script]), STEP).await.unwrap();
+    String::from_utf8_lossy(&r.stdout).into_owned()
+}
+
 fn exec(cmd: &[&str]) -> ExecRequest {
     ExecRequest {
         cmd: cmd.iter().map(|s| s.to_string()).collect(),
@@ -381,19 +387,11 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
     assert_eq!((r.code, r.stdout.as_slice()), (Some(0), &b"e2e-app\n"[..]));
     // A generated file covering the image's own is bind-mounted from the boot's tmpfs
     // (the boot writes nothing to the root disk for it).
-    let r = g
-        .chan
-        .exec(
-            &exec(&[
-                "sh",
-                "-c",
-                "cut -d ' ' -f 5 /proc/self/mountinfo; cat /etc/hosts",
-            ]),
-            STEP,
-        )
-        .await
-        .unwrap();
-    let out = String::from_utf8_lossy(&r.stdout);
+    let out = sh_stdout(
+        &g.chan,
+        "cut -d ' ' -f 5 /proc/self/mountinfo; cat /etc/hosts",
+    )
+    .await;
     for want in ["/.fly", "/etc/hosts"] {
         assert!(
             out.lines().any(|l| l == want),
@@ -426,19 +424,11 @@ async fn app_env_user_files_network_ready_exec_metadata_reconnect_stop() {
     }
 
     // Addresses, routes, MTU and resolver as configured.
-    let r = g
-        .chan
-        .exec(
-            &exec(&[
-                "sh",
-                "-c",
-                "ip addr show eth0; ip route; ip -6 route; cat /etc/resolv.conf",
-            ]),
-            STEP,
-        )
-        .await
-        .unwrap();
-    let net = String::from_utf8_lossy(&r.stdout);
+    let net = sh_stdout(
+        &g.chan,
+        "ip addr show eth0; ip route; ip -6 route; cat /etc/resolv.conf",
+    )
+    .await;
     for want in [
         "mtu 1400",
         "inet 10.0.2.15/24",
