@@ -232,24 +232,36 @@ const KERNEL_SOURCE_PACKAGE: &str = "linux-source-6.1";
 const KERNEL_SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The guest kernel's configuration, applied on top of `make allnoconfig`.
 const KERNEL_CONFIG: &str = include_str!("../kernel/microvm.config");
+/// Patches applied to the kernel source before it is built, in this order.
+const KERNEL_PATCHES: &[(&str, &str)] = &[(
+    "virtio-console-inbufs.patch",
+    include_str!("../kernel/patches/virtio-console-inbufs.patch"),
+)];
 
-/// What the built kernel came from: set-up builds again when either changes.
+/// What the built kernel came from: set-up builds again when any of it changes.
 fn kernel_build_id() -> Result<serde_json::Value> {
     use sha2::{Digest, Sha256};
     let version =
         output(Command::new("dpkg-query").args(["-W", "-f=${Version}", KERNEL_SOURCE_PACKAGE]))?;
+    let mut patches = Sha256::new();
+    for (name, text) in KERNEL_PATCHES {
+        patches.update(name.as_bytes());
+        patches.update(text.as_bytes());
+    }
     Ok(serde_json::json!({
         "source": KERNEL_SOURCE_PACKAGE,
         "version": version.trim(),
         "config_sha256": hex::encode(Sha256::digest(KERNEL_CONFIG.as_bytes())),
+        "patches_sha256": hex::encode(patches.finalize()),
     }))
 }
 
-/// Builds the microvm guest kernel from Debian's kernel source with
-/// `xtask/kernel/microvm.config` (every virtio driver built in, no modules) into
+/// Builds the microvm guest kernel from Debian's kernel source, patched with
+/// `xtask/kernel/patches/`, with `xtask/kernel/microvm.config` (every virtio driver
+/// built in, no modules) into
 /// `<data>/kernel`: the PVH `vmlinux` QEMU boots, the `vmlinuz` bzImage, the `config`
 /// and `kernel.json`. About five minutes on two cores; skipped while the source
-/// version and the config are unchanged. Built in a temporary directory and renamed
+/// version, the config and the patches are unchanged. Built in a temporary directory and renamed
 /// into place, so an interrupted run leaves nothing half-written.
 fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
     let dir = data_dir.kernel_dir();
@@ -273,6 +285,17 @@ fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
     )?;
     // The tarball unpacks into a directory named like the package.
     let src = work.join(KERNEL_SOURCE_PACKAGE);
+    for (name, text) in KERNEL_PATCHES {
+        let patch = work.join(name);
+        fs::write(&patch, text)?;
+        run_cmd(
+            Command::new("git")
+                .args(["apply", "-p1"])
+                .arg(&patch)
+                .current_dir(&src),
+        )
+        .with_context(|| format!("applying xtask/kernel/patches/{name}"))?;
+    }
     let fragment = work.join("microvm.config");
     fs::write(&fragment, KERNEL_CONFIG)?;
     let make = |args: &[&str]| {

@@ -826,6 +826,59 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
     })
 }
 
+/// What the guest itself uses (its /proc/meminfo and biggest slab caches), through the
+/// channel's exec: where an idle machine's memory goes inside the guest.
+async fn print_guest_memory(chan: &GuestChannel, name: &str) {
+    let req = aloft_vmm::channel::ExecRequest {
+        cmd: vec![
+            "/bin/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            "cat /proc/meminfo; cat /proc/slabinfo".into(),
+        ],
+        ..Default::default()
+    };
+    let Ok(out) = chan.exec(&req, Duration::from_secs(10)).await else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let keep = [
+        "MemTotal:",
+        "MemFree:",
+        "Cached:",
+        "Shmem:",
+        "AnonPages:",
+        "Slab:",
+        "SUnreclaim:",
+        "KernelStack:",
+        "PageTables:",
+    ];
+    let meminfo: Vec<String> = text
+        .lines()
+        .filter(|l| keep.iter().any(|k| l.starts_with(k)))
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    let mut slabs: Vec<(u64, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (active, size) = (
+                f.get(1)?.parse::<u64>().ok()?,
+                f.get(3)?.parse::<u64>().ok()?,
+            );
+            Some((active * size / 1024, f[0]))
+        })
+        .collect();
+    slabs.sort_unstable_by(|a, b| b.cmp(a));
+    let top: Vec<String> = slabs
+        .iter()
+        .take(6)
+        .map(|(kb, n)| format!("{n} {kb}"))
+        .collect();
+    println!("    guest memory of {name} (kB): {}", meminfo.join(", "));
+    println!("    biggest slab caches (kB in use): {}", top.join(", "));
+}
+
 /// QEMU's translation cache figures (`info jit`): code size and flushes so far.
 async fn print_jit(vm: &QemuVm, at: &str) {
     print_jit_of(&vm.qmp, at).await;
@@ -1376,6 +1429,9 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             .map(|(r, _)| memory_of(r.vm.pid as u32))
             .collect::<Result<Vec<_>>>()?;
         mem_lines.push((format!("aloft.{label}"), mems));
+        if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+            print_guest_memory(&runs[0].0.chan, &format!("aloft.{label}")).await;
+        }
         if tb == main_tb {
             // Balloon both guests down to half their memory.
             for (r, _) in &runs {
