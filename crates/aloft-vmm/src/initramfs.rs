@@ -120,17 +120,27 @@ type Ingredients = Vec<(PathBuf, u64, u64, std::time::SystemTime)>;
 /// more, ~40 ms in an unoptimised build).
 static KNOWN_KEYS: std::sync::Mutex<Vec<(Ingredients, String)>> = std::sync::Mutex::new(Vec::new());
 
-fn ingredients(kernel: &GuestKernel, init_bin: &Path) -> Option<Ingredients> {
-    use std::os::unix::fs::MetadataExt;
-    let module_paths = GUEST_MODULES
+/// The kernel's modules that go into the base archive, in load order, with their files.
+fn present_modules(kernel: &GuestKernel) -> Vec<(&'static str, PathBuf)> {
+    GUEST_MODULES
         .iter()
-        .map(|name| kernel.modules_dir.join(format!("{name}.ko")))
-        .filter(|p| p.exists());
-    std::iter::once(init_bin.to_path_buf())
-        .chain(module_paths)
+        .map(|name| (*name, kernel.modules_dir.join(format!("{name}.ko"))))
+        .filter(|(_, path)| path.exists())
+        .collect()
+}
+
+fn ingredients(init_bin: &Path, modules: &[(&str, PathBuf)]) -> Option<Ingredients> {
+    use std::os::unix::fs::MetadataExt;
+    std::iter::once(init_bin)
+        .chain(modules.iter().map(|(_, path)| path.as_path()))
         .map(|path| {
-            let meta = fs::metadata(&path).ok()?;
-            Some((path, meta.ino(), meta.len(), meta.modified().ok()?))
+            let meta = fs::metadata(path).ok()?;
+            Some((
+                path.to_path_buf(),
+                meta.ino(),
+                meta.len(),
+                meta.modified().ok()?,
+            ))
         })
         .collect()
 }
@@ -142,7 +152,8 @@ pub fn base_initramfs(
     init_bin: &Path,
     cache_dir: &Path,
 ) -> Result<PathBuf, InitramfsError> {
-    let made_of = ingredients(kernel, init_bin);
+    let module_files = present_modules(kernel);
+    let made_of = ingredients(init_bin, &module_files);
     if let (Some(made_of), Ok(known)) = (&made_of, KNOWN_KEYS.lock())
         && let Some((_, key)) = known.iter().find(|(i, _)| i == made_of)
     {
@@ -159,11 +170,8 @@ pub fn base_initramfs(
     };
     let init = read(init_bin)?;
     let mut modules = Vec::new();
-    for name in GUEST_MODULES {
-        let path = kernel.modules_dir.join(format!("{name}.ko"));
-        if path.exists() {
-            modules.push((name.to_string(), read(&path)?));
-        }
+    for (name, path) in &module_files {
+        modules.push((name.to_string(), read(path)?));
     }
     let mut hasher = Sha256::new();
     hasher.update(&init);
