@@ -69,6 +69,12 @@ fn init_b() -> Option<PathBuf> {
     std::env::var_os("ALOFT_BENCH_BOOT_INIT_B").map(PathBuf::from)
 }
 
+/// `ALOFT_BENCH_BOOT_CONSOLE=1`: print consoles, translation-cache and guest memory
+/// figures.
+fn console_mode() -> bool {
+    std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok()
+}
+
 fn quick() -> bool {
     std::env::var("ALOFT_BENCH_BOOT_QUICK").is_ok_and(|v| v == "1")
 }
@@ -494,7 +500,7 @@ async fn floor_boot_with(
         cmd.args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
     }
     // In console mode the floor's translation cache is shown too, through QMP.
-    let console = std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok();
+    let console = console_mode();
     let qmp_path = env.work.path().join(format!("floor-qmp-{port}.sock"));
     if console {
         cmd.arg("-qmp")
@@ -730,7 +736,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         }
     };
     let handshake_ms = ms(t0);
-    if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+    if console_mode() {
         print_jit(&vm, "handshake").await;
     }
     // The first time each report shows up in the channel state.
@@ -749,7 +755,7 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
                 init = Some(now);
                 let ran = at.saturating_sub(s.boot_ms.unwrap_or(at));
                 pid1 = Some(now - ran as f64);
-                jit_now = std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok();
+                jit_now = console_mode();
             }
             if app.is_none() && s.app_pid.is_some() {
                 app = Some(now);
@@ -784,17 +790,11 @@ pub async fn aloft_boot(m: &AloftMachine) -> Result<AloftRun> {
         vm.kill();
         bail!("no HTTP 200 through the forward within {LIMIT:?}");
     };
-    if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+    if console_mode() {
         print_jit(&vm, "first 200").await;
-        // The late modules load after readiness: wait (bounded) for their line.
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until
-            && !std::fs::read_to_string(vm.console_log())
-                .unwrap_or_default()
-                .contains("late modules")
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // The late modules load after readiness: wait (bounded) for the boot's last
+        // lines.
+        wait_boot_work_done(&vm, Duration::from_secs(3)).await;
         println!(
             "{}",
             std::fs::read_to_string(vm.console_log()).unwrap_or_default()
@@ -1209,8 +1209,9 @@ fn round2(v: f64) -> f64 {
 /// The product's translation cache ([`qemu::DEFAULT_TCG_TB_SIZE_MB`]) and its label:
 /// the machine that has the suspend/resume case and the goals.
 fn main_variant() -> (Option<u32>, &'static str) {
+    static LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let mb = qemu::DEFAULT_TCG_TB_SIZE_MB;
-    (Some(mb), Box::leak(format!("tb{mb}").into_boxed_str()))
+    (Some(mb), LABEL.get_or_init(|| format!("tb{mb}")))
 }
 
 /// The full run's tb-size variants: the product's first, then 32 (the product's until
@@ -1429,7 +1430,7 @@ async fn bench(env: &BenchEnv) -> Result<()> {
             .map(|(r, _)| memory_of(r.vm.pid as u32))
             .collect::<Result<Vec<_>>>()?;
         mem_lines.push((format!("aloft.{label}"), mems));
-        if std::env::var("ALOFT_BENCH_BOOT_CONSOLE").is_ok() {
+        if console_mode() {
             print_guest_memory(&runs[0].0.chan, &format!("aloft.{label}")).await;
         }
         if tb == main_tb {
