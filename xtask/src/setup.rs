@@ -258,11 +258,11 @@ fn kernel_build_id() -> Result<serde_json::Value> {
 
 /// Builds the microvm guest kernel from Debian's kernel source, patched with
 /// `xtask/kernel/patches/`, with `xtask/kernel/microvm.config` (every virtio driver
-/// built in, no modules) into
-/// `<data>/kernel`: the PVH `vmlinux` QEMU boots, the `vmlinuz` bzImage, the `config`
-/// and `kernel.json`. About five minutes on two cores; skipped while the source
-/// version, the config and the patches are unchanged. Built in a temporary directory and renamed
-/// into place, so an interrupted run leaves nothing half-written.
+/// built in, no modules) into `<data>/kernel`: the PVH `vmlinux` QEMU boots, the
+/// `vmlinuz` bzImage, the `config` and `kernel.json`. About five minutes on two cores;
+/// skipped while the source version, the config and the patches are unchanged. Built
+/// in a temporary directory and renamed into place, so an interrupted run leaves
+/// nothing half-written.
 fn built_guest_kernel(data_dir: &DataDir) -> Result<()> {
     let dir = data_dir.kernel_dir();
     let build = kernel_build_id()?;
